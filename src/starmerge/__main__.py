@@ -1,0 +1,5 @@
+import sys
+
+from starmerge.cli import main
+
+sys.exit(main())

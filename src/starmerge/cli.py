@@ -1,0 +1,168 @@
+"""The ``starmerge`` command line: merge, validate, methods, demo, report.
+
+User errors (``StarmergeError``) print one ``error: ...`` line on stderr and exit 2, with no
+traceback unless ``--debug`` is given; the output directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from starmerge.errors import StarmergeError
+
+DEBUG_ENV = "STARMERGE_DEBUG"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.version_option(package_name="starmerge")
+def cli(debug: bool) -> None:
+    """Merge fine-tuned models (LoRA adapters or full fine-tunes) into one multi-task model."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+              show_default=True, help="Where the methods compute.")
+@click.option("--dry-run", is_flag=True, help="Check and plan only; write nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def merge(config: Path, out_dir: Path, overrides: tuple[str, ...], overwrite: bool,
+          device: str, dry_run: bool, quiet: bool) -> None:
+    """Merge the models of CONFIG into OUT_DIR (overrides: parameters.eta=20 ...)."""
+    from starmerge.engine import resolve_device, run_merge
+    from starmerge.io.writer import check_output_dir
+    from starmerge.plan import check_config_and_inputs
+
+    plan = check_config_and_inputs(config, list(overrides))
+    check_output_dir(out_dir, overwrite=overwrite)
+    resolve_device(device)
+    if dry_run:
+        _print_plan(plan)
+        click.echo(f"dry run: nothing written to {out_dir}")
+        return
+    manifest = run_merge(plan, out_dir, overwrite=overwrite, device=device, progress=not quiet)
+    click.echo(
+        f"merged {len(plan.tasks)} models with {plan.method.name} into {out_dir} "
+        f"({manifest['wall_time_s']:.1f} s, peak {manifest['peak_memory_bytes'] / 2**20:.0f} MiB)"
+    )
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+def validate(config: Path, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG and its inputs (every error at once) and predict peak memory."""
+    from starmerge.plan import check_config_and_inputs
+
+    plan = check_config_and_inputs(config, list(overrides))
+    _print_plan(plan)
+    click.echo("ok")
+
+
+def _print_plan(plan) -> None:
+    cfg = plan.config
+    click.echo(f"method: {plan.method.name} {json.dumps(plan.params, default=str)}")
+    click.echo(f"models: {len(plan.tasks)} ({', '.join(t.spec.label for t in plan.tasks)})")
+    click.echo(f"parameters merged: {len(plan.shapes)}")
+    for label, keys in plan.missing.items():
+        click.echo(f"  {label} lacks {len(keys)} of them (a zero delta for that task)")
+    click.echo(f"output: {cfg.output.format}, dtype {str(plan.out_dtype).removeprefix('torch.')}")
+    click.echo(f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.1f} MiB "
+               "(beyond the Python/torch runtime)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods(as_json: bool) -> None:
+    """List the merge methods with their parameters and defaults."""
+    from starmerge.methods import METHODS
+
+    rows = []
+    for name in METHODS.names():
+        m = METHODS.get(name)
+        params = {k: {"default": p.default, "help": p.help} for k, p in m.params.items()}
+        rows.append({"name": name, "summary": m.summary, "paper": m.paper,
+                     "accepts": sorted(m.accepts), "lowrank_output": m.lowrank_output,
+                     "parameters": params})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}: {row['summary']}")
+        click.echo(f"    paper: {row['paper'] or '-'}; inputs: {', '.join(row['accepts'])}; "
+                   f"exact adapter output: {'yes' if row['lowrank_output'] else 'no (output.rank)'}")
+        for pname, p in row["parameters"].items():
+            click.echo(f"    {pname} = {p['default']!r}: {p['help']}")
+
+
+@cli.command()
+@click.option("--full", is_flag=True, help="Also the STAR eta sweep and the number-of-tasks curve.")
+@click.option("--fast", is_flag=True, help="A quick 3-task version (seconds; for checks).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results/demo"),
+              show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where trained adapters are cached (default: $STARMERGE_CACHE or "
+                   "~/.cache/starmerge).")
+@click.option("--tasks", default=None, help="Comma-separated task names.")
+@click.option("--methods", "method_names", default=None, help="Comma-separated method names.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(full: bool, fast: bool, out_dir: Path, cache_dir: Path | None, tasks: str | None,
+         method_names: str | None, quiet: bool) -> None:
+    """Run the embedded benchmark: train a zoo of LoRAs offline, merge with every method."""
+    from starmerge.eval import demo as demo_mod
+
+    preset = dict(demo_mod.FAST if fast else demo_mod.DEFAULTS)
+    if tasks:
+        preset["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
+    if method_names:
+        preset["methods"] = [m.strip() for m in method_names.split(",") if m.strip()]
+    demo_mod.run_demo(**preset, full=full, out_dir=out_dir, cache_dir=cache_dir,
+                      progress=not quiet)
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results/report"),
+              show_default=True)
+def report(results: tuple[Path, ...], out_dir: Path) -> None:
+    """Render tables, plots and an HTML report from results JSON files."""
+    from starmerge.report import report_from_files
+
+    written = report_from_files(list(results), out_dir)
+    for name, path in written.items():
+        click.echo(f"{name}: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        return 2
+    except StarmergeError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Execute a plan: fit, merge parameter by parameter, write, and record the manifest."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from starmerge.errors import InputError
+from starmerge.methods.base import Merged
+from starmerge.pipeline import fit_state, merge_params
+from starmerge.plan import Plan
+from starmerge.tensors.delta import Dense, LowRank
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was given but no CUDA device is available; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def run_merge(plan: Plan, out_dir: Path, *, overwrite: bool = False, device: str = "cpu",
+              progress: bool = False) -> dict[str, Any]:
+    """Merge and write ``plan`` into ``out_dir`` atomically; return the manifest.
+
+    Raises:
+        OutputError: ``out_dir`` is not empty without ``overwrite``, or writing failed
+            (``out_dir`` is then left exactly as it was).
+    """
+    from starmerge.io.writer import atomic_output_dir, check_output_dir
+    from starmerge.manifest import build_manifest, write_manifest
+
+    check_output_dir(out_dir, overwrite=overwrite)
+    device = resolve_device(device)
+    start = time.perf_counter()
+    state = fit_state(plan.method, plan.params, len(plan.tasks), plan.shapes, plan.read,
+                      device=device, progress=progress)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        if plan.config.output.format == "model":
+            stats = _write_model(plan, state, tmp, device, progress)
+        else:
+            stats = _write_adapter(plan, state, tmp, device, progress)
+        manifest = build_manifest(plan, state, stats, time.perf_counter() - start, _peak_rss())
+        write_manifest(tmp, manifest)
+        if plan.config.output.format == "model":
+            from starmerge.manifest import write_model_card
+
+            write_model_card(tmp, manifest)
+    return manifest
+
+
+def _peak_rss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
+    from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan
+    from starmerge.io.writer import copy_model_files, parse_size
+
+    base = plan.base
+    keys = list(base.keys())
+    tensors = [
+        TensorPlan(k, tuple(base.shape(k)),
+                   plan.out_dtype if base.dtype(k).is_floating_point else base.dtype(k))
+        for k in keys
+    ]
+    writer = StreamingShardWriter(tmp, tensors, parse_size(plan.config.output.max_shard_size))
+    merged = merge_params(plan.method, plan.params, state, plan.shapes, plan.read,
+                          keys=[k for k in keys if k in plan.shapes], device=device)
+    per_param: dict[str, dict] = {}
+    for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
+        weight = base.get(key)
+        if key in plan.shapes:
+            merged_key, result = next(merged)
+            assert merged_key == key  # merge_params follows the given key order
+            weight = weight.to(torch.float32) + result.delta.to_dense(torch.float32)
+            per_param[key] = dict(result.stats)
+        writer.write(key, weight)
+        del weight
+    writer.close()
+    copy_model_files(plan.base_path, tmp)
+    return {"per_parameter": per_param}
+
+
+def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
+    from starmerge.io.adapter_writer import write_adapter
+
+    modules: dict[str, LowRank] = {}
+    per_param: dict[str, dict] = {}
+    energies = []
+    results = merge_params(plan.method, plan.params, state, plan.shapes, plan.read, device=device)
+    for key, result in tqdm(results, total=len(plan.shapes), desc="merge",
+                            disable=not progress, unit="param"):
+        lowrank, energy = _as_lowrank(key, result, plan.config.output.rank)
+        stats = dict(result.stats)
+        if energy is not None:
+            stats["svd_energy_kept"] = energy
+            energies.append(energy)
+        per_param[key] = stats
+        modules[key.removesuffix(".weight")] = lowrank
+    first = plan.tasks[0].source
+    write_adapter(
+        tmp,
+        modules,
+        base_model=getattr(first, "base_model", None),
+        task_type=getattr(first, "task_type", None),
+        template_config=getattr(first, "config", None),
+        dtype=plan.out_dtype,
+        fan_in_fan_out=bool(getattr(first, "config", {}).get("fan_in_fan_out", False)),
+    )
+    summary = {"per_parameter": per_param}
+    if energies:
+        summary["svd_energy_kept_min"] = min(energies)
+    return summary
+
+
+def _as_lowrank(key: str, result: Merged, rank: int | None) -> tuple[LowRank, float | None]:
+    """The merged delta as ``LowRank``; a dense result is truncated by SVD to ``rank``."""
+    delta = result.delta
+    if isinstance(delta, LowRank):
+        return delta, None
+    assert isinstance(delta, Dense)
+    if delta.tensor.ndim != 2:
+        raise InputError(f"{key} is not a matrix, so it cannot go into an adapter; use "
+                         "output.format: model")
+    if rank is None:
+        raise InputError(f"the merge of {key} is dense; set output.rank for adapter output")
+    u, s, vh = torch.linalg.svd(delta.tensor.to(torch.float32), full_matrices=False)
+    k = min(rank, s.numel())
+    total = float((s**2).sum())
+    energy = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return LowRank(u[:, :k] * s[:k], vh[:k], 1.0), energy

@@ -1,0 +1,95 @@
+"""The run manifest (``starmerge.json``) and the model card."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from starmerge.plan import Plan
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries that shape a result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("starmerge", "torch", "safetensors", "numpy", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_manifest(plan: Plan, state: Any, stats: dict, wall_s: float, peak: int) -> dict:
+    """Resolved config, inputs with hashes, method statistics, versions, time and memory."""
+    from starmerge.io.hashing import hash_files
+
+    inputs = [
+        {
+            "kind": t.spec.kind,
+            "source": t.spec.source,
+            "path": str(t.path),
+            "weight": t.spec.weight,
+            "sha256": hash_files(t.source.files),
+            "n_parameters_changed": len(t.shapes),
+        }
+        for t in plan.tasks
+    ]
+    base = None
+    if plan.base is not None:
+        base = {"source": plan.config.base_model, "path": str(plan.base_path),
+                "sha256": hash_files(plan.base.files)}
+    config = plan.config.to_dict()
+    config["parameters"] = {k: v for k, v in plan.params.items()}
+    return {
+        "format": "starmerge-manifest/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "method": {"name": plan.method.name, "parameters": plan.params, "paper": plan.method.paper},
+        "base_model": base,
+        "inputs": inputs,
+        "missing_modules": plan.missing,
+        "statistics": {"state": state.summary() if state is not None else {}, **stats},
+        "versions": versions(),
+        "wall_time_s": round(wall_s, 3),
+        "peak_memory_bytes": peak,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    """Write ``starmerge.json``."""
+    path = out_dir / "starmerge.json"
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return path
+
+
+def write_model_card(out_dir: Path, manifest: dict) -> Path:
+    """Write a short ``README.md`` model card describing the merge."""
+    method = manifest["method"]
+    params = ", ".join(f"{k}={v}" for k, v in method["parameters"].items()) or "none"
+    lines = [
+        "---",
+        "tags: [merge, starmerge]",
+        "---",
+        f"# Merged model ({method['name']})",
+        "",
+        f"Made with starmerge {manifest['versions'].get('starmerge')} using `{method['name']}` "
+        f"({params}); paper: {method['paper'] or 'n/a'}.",
+        "",
+        f"Base model: `{(manifest['base_model'] or {}).get('source')}`",
+        "",
+        "Merged task models:",
+        "",
+        *[f"- `{i['source']}` ({i['kind']})" for i in manifest["inputs"]],
+        "",
+        "The full recipe, input hashes and statistics are in `starmerge.json`.",
+        "",
+    ]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,222 @@
+"""Index the inputs (headers only), check they fit together, and predict peak memory.
+
+Nothing here reads tensor data: a plan is what ``starmerge validate`` and ``--dry-run`` report,
+and what the engine then executes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from starmerge.config import ModelSpec, RunConfig
+from starmerge.errors import ConfigError, InputError, StarmergeError
+from starmerge.methods.base import Method
+from starmerge.tensors.delta import Delta
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin"]
+
+
+class TaskSource(Protocol):
+    """One task's deltas, read lazily (a LoRA adapter or a full fine-tune minus the base)."""
+
+    files: list[Path]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter key -> delta shape, from headers."""
+
+    def get(self, key: str) -> Delta:
+        """Read one parameter's delta."""
+
+
+@dataclass
+class Task:
+    """A task model in the plan."""
+
+    spec: ModelSpec
+    path: Path
+    source: Any
+    shapes: dict[str, tuple[int, ...]]
+
+
+@dataclass
+class Plan:
+    """Everything the engine needs, derived from headers alone."""
+
+    config: RunConfig
+    method: Method
+    params: dict[str, Any]
+    tasks: list[Task]
+    shapes: dict[str, tuple[int, ...]]
+    base: Any = None
+    base_path: Path | None = None
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    predicted_peak_bytes: int = 0
+    out_dtype: torch.dtype = torch.float32
+
+    def read(self, key: str) -> list[Delta | None]:
+        """Every task's delta for ``key`` (None for a task that lacks it)."""
+        return [t.source.get(key) if key in t.shapes else None for t in self.tasks]
+
+
+def make_plan(config: RunConfig) -> Plan:
+    """Open every input lazily and check they are compatible.
+
+    Raises:
+        InputError: Listing every input problem at once (missing paths, bad adapters, shape
+            or base-model disagreements).
+    """
+    from starmerge.methods import METHODS
+
+    method = METHODS.get(config.method)
+    params = dict(config.parameters)
+    if "weights" in method.params and any(m.weight is not None for m in config.models):
+        params["weights"] = [1.0 if m.weight is None else m.weight for m in config.models]
+    params = method.resolve(params)
+    problems: list[str] = []
+    base, base_path = _open_base(config, problems)
+    tasks = [t for t in (_open_task(m, base, problems) for m in config.models) if t is not None]
+    if problems:
+        raise InputError(_join(problems))
+    shapes = _check_shapes(tasks, base, problems)
+    _check_bases(tasks, problems)
+    if problems:
+        raise InputError(_join(problems))
+    plan = Plan(config, method, params, tasks, shapes, base, base_path)
+    plan.missing = {
+        t.spec.label: sorted(set(shapes) - set(t.shapes)) for t in tasks if set(shapes) - set(t.shapes)
+    }
+    plan.out_dtype = _out_dtype(config, base, tasks)
+    plan.predicted_peak_bytes = predict_peak(plan)
+    return plan
+
+
+def _join(problems: list[str]) -> str:
+    return problems[0] if len(problems) == 1 else f"{len(problems)} input problems: " + "; ".join(problems)
+
+
+def _open_base(config: RunConfig, problems: list[str]) -> tuple[Any, Path | None]:
+    if config.base_model is None:
+        return None, None
+    from starmerge.io.checkpoint import TensorIndex
+    from starmerge.io.hub import resolve
+
+    try:
+        path = resolve(config.base_model, what="base model", allow_patterns=MODEL_FILES)
+        return TensorIndex.open(path), path
+    except StarmergeError as exc:
+        problems.append(str(exc))
+        return None, None
+
+
+def _open_task(spec: ModelSpec, base: Any, problems: list[str]) -> Task | None:
+    from starmerge.io.hub import resolve
+
+    try:
+        if spec.kind == "adapter":
+            from starmerge.io.adapter import load_adapter
+
+            path = resolve(spec.source, what="adapter", allow_patterns=ADAPTER_FILES)
+            source = load_adapter(path)
+        else:
+            from starmerge.io.checkpoint import TensorIndex
+            from starmerge.io.full import FullFineTune
+
+            path = resolve(spec.source, what="fine-tuned model", allow_patterns=MODEL_FILES)
+            if base is None:
+                return None  # the missing base is reported by the config check
+            source = FullFineTune(base, TensorIndex.open(path), spec.label)
+        return Task(spec, path, source, dict(source.shapes()))
+    except StarmergeError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def _check_shapes(tasks: list[Task], base: Any, problems: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, str] = {}
+    for t in tasks:
+        for key, shape in t.shapes.items():
+            if key in shapes and shapes[key] != shape:
+                problems.append(
+                    f"{t.spec.label} has {key} of shape {shape} but {owner[key]} has {shapes[key]}; "
+                    "all task models must be fine-tunes of the same base model"
+                )
+            shapes.setdefault(key, shape)
+            owner.setdefault(key, t.spec.label)
+    if base is not None:
+        base_keys = set(base.keys())
+        for key, shape in shapes.items():
+            if key not in base_keys:
+                problems.append(
+                    f"{owner[key]} changes {key}, which the base model does not have; check that "
+                    "base_model is the model the adapters were trained on"
+                )
+            elif tuple(base.shape(key)) != shape:
+                problems.append(
+                    f"{owner[key]} has {key} of shape {shape} but the base model has "
+                    f"{tuple(base.shape(key))}; check that base_model is the right model"
+                )
+        order = {k: i for i, k in enumerate(base.keys())}
+        shapes = dict(sorted(shapes.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return shapes
+
+
+def _check_bases(tasks: list[Task], problems: list[str]) -> None:
+    named = {
+        t.spec.label: str(t.source.base_model).rstrip("/")
+        for t in tasks
+        if t.spec.kind == "adapter" and getattr(t.source, "base_model", None)
+    }
+    if len(set(named.values())) > 1:
+        listing = ", ".join(f"{k} -> {v}" for k, v in named.items())
+        problems.append(
+            f"the adapters were made for different base models ({listing}); merge only adapters "
+            "of one base model"
+        )
+
+
+def _out_dtype(config: RunConfig, base: Any, tasks: list[Task]) -> torch.dtype:
+    if config.output.dtype is not None:
+        return getattr(torch, config.output.dtype)
+    if base is not None:
+        counts = Counter(base.dtype(k) for k in base.keys() if base.dtype(k).is_floating_point)
+        if counts:
+            return counts.most_common(1)[0][0]
+    return torch.float32
+
+
+def predict_peak(plan: Plan) -> int:
+    """Predicted peak memory in bytes beyond the runtime itself.
+
+    (T + 2) x the largest merged tensor in float32 (the T task deltas of one parameter, the
+    result and one temporary), plus the largest base tensor (read while writing).
+    """
+    numel = max((_numel(s) for s in plan.shapes.values()), default=0)
+    largest_base = 0
+    if plan.base is not None:
+        largest_base = max((plan.base.nbytes(k) for k in plan.base.keys()), default=0)
+    return (len(plan.tasks) + 2) * numel * 4 + largest_base
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_config_and_inputs(config_path: Path, overrides: list[str]) -> Plan:
+    """Load the config and index the inputs; raise one error listing every problem found."""
+    from starmerge.config import load_config
+
+    config = load_config(config_path, overrides)
+    try:
+        return make_plan(config)
+    except InputError as exc:
+        raise ConfigError([str(exc)]) from None

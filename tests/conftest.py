@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random HF models built from configs and PEFT adapters made on them.
+
+Nothing here touches the network: models come from configs, adapters from ``peft`` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def _tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                              max_position_embeddings=64)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                max_position_embeddings=64, sliding_window=32)
+    if arch == "t5":
+        return tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                           d_kv=8, vocab_size=128, decoder_start_token_id=0)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random ``arch`` model (llama, mistral, t5) to ``out_dir``."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = _tiny_config(arch)
+    cls = tf.T5ForConditionalGeneration if arch == "t5" else tf.AutoModelForCausalLM
+    model = cls(config) if arch == "t5" else cls.from_config(config)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_adapter(base_dir: Path, out_dir: Path, *, targets: list[str], r: int = 4,
+                 alpha: int = 8, seed: int = 1, **lora_kwargs) -> Path:
+    """Make a PEFT LoRA adapter on the model at ``base_dir`` with random (non-zero) factors."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    config = tf.AutoConfig.from_pretrained(base_dir)
+    if config.model_type == "t5":
+        model = tf.T5ForConditionalGeneration.from_pretrained(base_dir)
+        task_type = "SEQ_2_SEQ_LM"
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(base_dir)
+        task_type = "CAUSAL_LM"
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                  task_type=task_type, **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random llama, mistral and t5 models saved as HF directories."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(arch, root / arch) for arch in ("llama", "mistral", "t5")}
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(tiny_models, tmp_path_factory) -> list[Path]:
+    """Three adapters on the tiny llama: plain, rsLoRA, and rank/alpha patterns."""
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_models["llama"]
+    qv = ["q_proj", "v_proj"]
+    return [
+        make_adapter(base, root / "plain", targets=qv, r=4, alpha=8, seed=1),
+        make_adapter(base, root / "rslora", targets=qv, r=4, alpha=8, seed=2, use_rslora=True),
+        make_adapter(base, root / "patterns", targets=qv + ["k_proj"], r=4, alpha=8, seed=3,
+                     rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 16}),
+    ]

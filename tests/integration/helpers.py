@@ -1,0 +1,66 @@
+"""Helpers for the integration tests: configs, CLI calls and independent references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from starmerge.cli import main
+
+
+def write_config(path: Path, **cfg) -> Path:
+    """Write a merge config (keyword arguments are the YAML keys)."""
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``starmerge ARGV`` in-process; return (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def peft_dense_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Task vector of an adapter computed by PEFT itself: merge_and_unload() minus base."""
+    import transformers as tf
+    from peft import PeftModel
+
+    config = tf.AutoConfig.from_pretrained(base_dir)
+    cls = tf.T5ForConditionalGeneration if config.model_type == "t5" else tf.AutoModelForCausalLM
+    base = cls.from_pretrained(base_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    after = merged.state_dict()
+    return {
+        k: (after[k].double() - before[k].double())
+        for k in before
+        if k in after and not torch.equal(after[k], before[k])
+    }
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved HF model directory (single file or shards)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def star_dense(delta: torch.Tensor, eta: float) -> torch.Tensor:
+    """STAR on one dense matrix in float64, written independently of the library."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    if s.sum() == 0:
+        return torch.zeros_like(delta, dtype=torch.float64)
+    tol = max(delta.shape) * torch.finfo(torch.float32).eps * s[0]
+    rank = int((s > tol).sum())
+    target = eta / 100 * s.sum()
+    k = 1
+    while k < rank and s[:k].sum() < target:
+        k += 1
+    scaled = s[:k] * s.sum() / s[:k].sum()
+    return u[:, :k] @ torch.diag(scaled) @ vh[:k]
