@@ -20,16 +20,37 @@ def _tiny_config(arch: str):
     import transformers as tf
 
     if arch == "llama":
-        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                              max_position_embeddings=64)
+        return tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
     if arch == "mistral":
-        return tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                max_position_embeddings=64, sliding_window=32)
+        return tf.MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+            sliding_window=32,
+        )
     if arch == "t5":
-        return tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                           d_kv=8, vocab_size=128, decoder_start_token_id=0)
+        return tf.T5Config(
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=8,
+            vocab_size=128,
+            decoder_start_token_id=0,
+        )
     raise ValueError(arch)
 
 
@@ -45,8 +66,16 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def make_adapter(base_dir: Path, out_dir: Path, *, targets: list[str], r: int = 4,
-                 alpha: int = 8, seed: int = 1, **lora_kwargs) -> Path:
+def make_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    targets: list[str],
+    r: int = 4,
+    alpha: int = 8,
+    seed: int = 1,
+    **lora_kwargs,
+) -> Path:
     """Make a PEFT LoRA adapter on the model at ``base_dir`` with random (non-zero) factors."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
@@ -58,8 +87,12 @@ def make_adapter(base_dir: Path, out_dir: Path, *, targets: list[str], r: int = 
     else:
         model = tf.AutoModelForCausalLM.from_pretrained(base_dir)
         task_type = "CAUSAL_LM"
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                  task_type=task_type, **lora_kwargs))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=targets, task_type=task_type, **lora_kwargs
+        ),
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -85,6 +118,14 @@ def llama_adapters(tiny_models, tmp_path_factory) -> list[Path]:
     return [
         make_adapter(base, root / "plain", targets=qv, r=4, alpha=8, seed=1),
         make_adapter(base, root / "rslora", targets=qv, r=4, alpha=8, seed=2, use_rslora=True),
-        make_adapter(base, root / "patterns", targets=qv + ["k_proj"], r=4, alpha=8, seed=3,
-                     rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 16}),
+        make_adapter(
+            base,
+            root / "patterns",
+            targets=qv + ["k_proj"],
+            r=4,
+            alpha=8,
+            seed=3,
+            rank_pattern={"k_proj": 2},
+            alpha_pattern={"v_proj": 16},
+        ),
     ]

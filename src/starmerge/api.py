@@ -90,8 +90,15 @@ def _shapes(task_deltas: Sequence[Mapping[str, Delta]]) -> dict[str, tuple[int, 
     return shapes
 
 
-def merge(config: str | Path, out_dir: str | Path, *, overrides: Sequence[str] = (),
-          overwrite: bool = False, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+def merge(
+    config: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Run a merge config and write the result, exactly as ``starmerge merge`` does.
 
     Returns:

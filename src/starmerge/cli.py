@@ -32,12 +32,24 @@ def cli(debug: bool) -> None:
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-              show_default=True, help="Where the methods compute.")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where the methods compute.",
+)
 @click.option("--dry-run", is_flag=True, help="Check and plan only; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge(config: Path, out_dir: Path, overrides: tuple[str, ...], overwrite: bool,
-          device: str, dry_run: bool, quiet: bool) -> None:
+def merge(
+    config: Path,
+    out_dir: Path,
+    overrides: tuple[str, ...],
+    overwrite: bool,
+    device: str,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
     """Merge the models of CONFIG into OUT_DIR (overrides: parameters.eta=20 ...)."""
     from starmerge.engine import resolve_device, run_merge
     from starmerge.io.writer import check_output_dir
@@ -77,8 +89,10 @@ def _print_plan(plan) -> None:
     for label, keys in plan.missing.items():
         click.echo(f"  {label} lacks {len(keys)} of them (a zero delta for that task)")
     click.echo(f"output: {cfg.output.format}, dtype {str(plan.out_dtype).removeprefix('torch.')}")
-    click.echo(f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.1f} MiB "
-               "(beyond the Python/torch runtime)")
+    click.echo(
+        f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.1f} MiB "
+        "(beyond the Python/torch runtime)"
+    )
 
 
 @cli.command()
@@ -91,16 +105,25 @@ def methods(as_json: bool) -> None:
     for name in METHODS.names():
         m = METHODS.get(name)
         params = {k: {"default": p.default, "help": p.help} for k, p in m.params.items()}
-        rows.append({"name": name, "summary": m.summary, "paper": m.paper,
-                     "accepts": sorted(m.accepts), "lowrank_output": m.lowrank_output,
-                     "parameters": params})
+        rows.append(
+            {
+                "name": name,
+                "summary": m.summary,
+                "paper": m.paper,
+                "accepts": sorted(m.accepts),
+                "lowrank_output": m.lowrank_output,
+                "parameters": params,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     for row in rows:
         click.echo(f"{row['name']}: {row['summary']}")
-        click.echo(f"    paper: {row['paper'] or '-'}; inputs: {', '.join(row['accepts'])}; "
-                   f"exact adapter output: {'yes' if row['lowrank_output'] else 'no (output.rank)'}")
+        click.echo(
+            f"    paper: {row['paper'] or '-'}; inputs: {', '.join(row['accepts'])}; "
+            f"exact adapter output: {'yes' if row['lowrank_output'] else 'no (output.rank)'}"
+        )
         for pname, p in row["parameters"].items():
             click.echo(f"    {pname} = {p['default']!r}: {p['help']}")
 
@@ -108,16 +131,31 @@ def methods(as_json: bool) -> None:
 @cli.command()
 @click.option("--full", is_flag=True, help="Also the STAR eta sweep and the number-of-tasks curve.")
 @click.option("--fast", is_flag=True, help="A quick 3-task version (seconds; for checks).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results/demo"),
-              show_default=True)
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Where trained adapters are cached (default: $STARMERGE_CACHE or "
-                   "~/.cache/starmerge).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("results/demo"),
+    show_default=True,
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where trained adapters are cached (default: $STARMERGE_CACHE or ~/.cache/starmerge).",
+)
 @click.option("--tasks", default=None, help="Comma-separated task names.")
 @click.option("--methods", "method_names", default=None, help="Comma-separated method names.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(full: bool, fast: bool, out_dir: Path, cache_dir: Path | None, tasks: str | None,
-         method_names: str | None, quiet: bool) -> None:
+def demo(
+    full: bool,
+    fast: bool,
+    out_dir: Path,
+    cache_dir: Path | None,
+    tasks: str | None,
+    method_names: str | None,
+    quiet: bool,
+) -> None:
     """Run the embedded benchmark: train a zoo of LoRAs offline, merge with every method."""
     from starmerge.eval import demo as demo_mod
 
@@ -126,14 +164,18 @@ def demo(full: bool, fast: bool, out_dir: Path, cache_dir: Path | None, tasks: s
         preset["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
     if method_names:
         preset["methods"] = [m.strip() for m in method_names.split(",") if m.strip()]
-    demo_mod.run_demo(**preset, full=full, out_dir=out_dir, cache_dir=cache_dir,
-                      progress=not quiet)
+    demo_mod.run_demo(**preset, full=full, out_dir=out_dir, cache_dir=cache_dir, progress=not quiet)
 
 
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results/report"),
-              show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("results/report"),
+    show_default=True,
+)
 def report(results: tuple[Path, ...], out_dir: Path) -> None:
     """Render tables, plots and an HTML report from results JSON files."""
     from starmerge.report import report_from_files

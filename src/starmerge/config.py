@@ -188,11 +188,16 @@ def _models(raw: Any, problems: list[str]) -> list[ModelSpec]:
         if not isinstance(source, str) or not source:
             problems.append(f"{where}.{kinds[0]} must be a path or hub id, got {source!r}")
             continue
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, (int, float))
+        ):
             problems.append(f"{where}.weight must be a number, got {weight!r}")
             weight = None
-        models.append(ModelSpec(kinds[0], source, None if weight is None else float(weight),
-                                entry.get("name")))
+        models.append(
+            ModelSpec(
+                kinds[0], source, None if weight is None else float(weight), entry.get("name")
+            )
+        )
     return models
 
 
@@ -211,9 +216,12 @@ def _output(raw: Any, problems: list[str]) -> OutputSpec:
         problems.append(f"output.format must be model or adapter, got {out.format!r}")
     if out.dtype is not None and out.dtype not in DTYPES:
         hint = did_you_mean(str(out.dtype), DTYPES)
-        problems.append(f"output.dtype must be one of {', '.join(DTYPES)}, got {out.dtype!r}.{hint}")
-    if out.rank is not None and (isinstance(out.rank, bool) or not isinstance(out.rank, int)
-                                 or out.rank < 1):
+        problems.append(
+            f"output.dtype must be one of {', '.join(DTYPES)}, got {out.dtype!r}.{hint}"
+        )
+    if out.rank is not None and (
+        isinstance(out.rank, bool) or not isinstance(out.rank, int) or out.rank < 1
+    ):
         problems.append(f"output.rank must be a positive integer or null, got {out.rank!r}")
     try:
         from starmerge.io.writer import parse_size
@@ -224,23 +232,39 @@ def _output(raw: Any, problems: list[str]) -> OutputSpec:
     return out
 
 
-def _cross_checks(method: str | None, params: Mapping[str, Any], models: list[ModelSpec],
-                  output: OutputSpec, base: str | None, problems: list[str]) -> None:
+def _cross_checks(
+    method: str | None,
+    params: Mapping[str, Any],
+    models: list[ModelSpec],
+    output: OutputSpec,
+    base: str | None,
+    problems: list[str],
+) -> None:
     from starmerge.methods import METHODS
 
     has_full = any(m.kind == "model" for m in models)
     if base is None and (output.format == "model" or has_full):
-        why = "output.format is model" if output.format == "model" else "a models entry is a full model"
+        why = (
+            "output.format is model"
+            if output.format == "model"
+            else "a models entry is a full model"
+        )
         problems.append(f"base_model is required because {why}; add base_model: PATH-OR-HUB-ID")
     if output.format == "adapter" and has_full:
-        problems.append("output.format adapter needs LoRA adapters as inputs, got a full model "
-                        "(`model:` entry); use output.format: model")
+        problems.append(
+            "output.format adapter needs LoRA adapters as inputs, got a full model "
+            "(`model:` entry); use output.format: model"
+        )
     if method is None or method not in METHODS:
         return
     spec = METHODS.get(method)
     if any(m.weight is not None for m in models) and "weights" not in spec.params:
-        problems.append(f"{method} does not use per-model weights, got models[].weight; remove "
-                        "them or use task_arithmetic")
+        problems.append(
+            f"{method} does not use per-model weights, got models[].weight; remove "
+            "them or use task_arithmetic"
+        )
     if output.format == "adapter" and not spec.lowrank_output and output.rank is None:
-        problems.append(f"{method} is elementwise, so its merge is not low-rank: set output.rank "
-                        "(the SVD rank of the merged adapter) or use output.format: model")
+        problems.append(
+            f"{method} is elementwise, so its merge is not low-rank: set output.rank "
+            "(the SVD rank of the merged adapter) or use output.format: model"
+        )

@@ -23,14 +23,22 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was given but no CUDA device is available; use --device cpu")
+        raise InputError(
+            "--device cuda was given but no CUDA device is available; use --device cpu"
+        )
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu, cuda or auto, got {device!r}")
     return device
 
 
-def run_merge(plan: Plan, out_dir: Path, *, overwrite: bool = False, device: str = "cpu",
-              progress: bool = False) -> dict[str, Any]:
+def run_merge(
+    plan: Plan,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Merge and write ``plan`` into ``out_dir`` atomically; return the manifest.
 
     Raises:
@@ -43,8 +51,15 @@ def run_merge(plan: Plan, out_dir: Path, *, overwrite: bool = False, device: str
     check_output_dir(out_dir, overwrite=overwrite)
     device = resolve_device(device)
     start = time.perf_counter()
-    state = fit_state(plan.method, plan.params, len(plan.tasks), plan.shapes, plan.read,
-                      device=device, progress=progress)
+    state = fit_state(
+        plan.method,
+        plan.params,
+        len(plan.tasks),
+        plan.shapes,
+        plan.read,
+        device=device,
+        progress=progress,
+    )
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         if plan.config.output.format == "model":
             stats = _write_model(plan, state, tmp, device, progress)
@@ -71,13 +86,23 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
     base = plan.base
     keys = list(base.keys())
     tensors = [
-        TensorPlan(k, tuple(base.shape(k)),
-                   plan.out_dtype if base.dtype(k).is_floating_point else base.dtype(k))
+        TensorPlan(
+            k,
+            tuple(base.shape(k)),
+            plan.out_dtype if base.dtype(k).is_floating_point else base.dtype(k),
+        )
         for k in keys
     ]
     writer = StreamingShardWriter(tmp, tensors, parse_size(plan.config.output.max_shard_size))
-    merged = merge_params(plan.method, plan.params, state, plan.shapes, plan.read,
-                          keys=[k for k in keys if k in plan.shapes], device=device)
+    merged = merge_params(
+        plan.method,
+        plan.params,
+        state,
+        plan.shapes,
+        plan.read,
+        keys=[k for k in keys if k in plan.shapes],
+        device=device,
+    )
     per_param: dict[str, dict] = {}
     for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
         weight = base.get(key)
@@ -100,8 +125,9 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
     per_param: dict[str, dict] = {}
     energies = []
     results = merge_params(plan.method, plan.params, state, plan.shapes, plan.read, device=device)
-    for key, result in tqdm(results, total=len(plan.shapes), desc="merge",
-                            disable=not progress, unit="param"):
+    for key, result in tqdm(
+        results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
+    ):
         lowrank, energy = _as_lowrank(key, result, plan.config.output.rank)
         stats = dict(result.stats)
         if energy is not None:
@@ -132,8 +158,9 @@ def _as_lowrank(key: str, result: Merged, rank: int | None) -> tuple[LowRank, fl
         return delta, None
     assert isinstance(delta, Dense)
     if delta.tensor.ndim != 2:
-        raise InputError(f"{key} is not a matrix, so it cannot go into an adapter; use "
-                         "output.format: model")
+        raise InputError(
+            f"{key} is not a matrix, so it cannot go into an adapter; use output.format: model"
+        )
     if rank is None:
         raise InputError(f"the merge of {key} is dense; set output.rank for adapter output")
     u, s, vh = torch.linalg.svd(delta.tensor.to(torch.float32), full_matrices=False)

@@ -41,8 +41,11 @@ def build_manifest(plan: Plan, state: Any, stats: dict, wall_s: float, peak: int
     ]
     base = None
     if plan.base is not None:
-        base = {"source": plan.config.base_model, "path": str(plan.base_path),
-                "sha256": hash_files(plan.base.files)}
+        base = {
+            "source": plan.config.base_model,
+            "path": str(plan.base_path),
+            "sha256": hash_files(plan.base.files),
+        }
     config = plan.config.to_dict()
     config["parameters"] = {k: v for k, v in plan.params.items()}
     return {

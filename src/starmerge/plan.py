@@ -89,7 +89,9 @@ def make_plan(config: RunConfig) -> Plan:
         raise InputError(_join(problems))
     plan = Plan(config, method, params, tasks, shapes, base, base_path)
     plan.missing = {
-        t.spec.label: sorted(set(shapes) - set(t.shapes)) for t in tasks if set(shapes) - set(t.shapes)
+        t.spec.label: sorted(set(shapes) - set(t.shapes))
+        for t in tasks
+        if set(shapes) - set(t.shapes)
     }
     plan.out_dtype = _out_dtype(config, base, tasks)
     plan.predicted_peak_bytes = predict_peak(plan)
@@ -97,7 +99,11 @@ def make_plan(config: RunConfig) -> Plan:
 
 
 def _join(problems: list[str]) -> str:
-    return problems[0] if len(problems) == 1 else f"{len(problems)} input problems: " + "; ".join(problems)
+    return (
+        problems[0]
+        if len(problems) == 1
+        else f"{len(problems)} input problems: " + "; ".join(problems)
+    )
 
 
 def _open_base(config: RunConfig, problems: list[str]) -> tuple[Any, Path | None]:
@@ -144,27 +150,37 @@ def _check_shapes(tasks: list[Task], base: Any, problems: list[str]) -> dict[str
         for key, shape in t.shapes.items():
             if key in shapes and shapes[key] != shape:
                 problems.append(
-                    f"{t.spec.label} has {key} of shape {shape} but {owner[key]} has {shapes[key]}; "
-                    "all task models must be fine-tunes of the same base model"
+                    f"{t.spec.label} has {key} of shape {shape} but {owner[key]} has "
+                    f"{shapes[key]}; all task models must be fine-tunes of the same base model"
                 )
             shapes.setdefault(key, shape)
             owner.setdefault(key, t.spec.label)
     if base is not None:
-        base_keys = set(base.keys())
-        for key, shape in shapes.items():
-            if key not in base_keys:
-                problems.append(
-                    f"{owner[key]} changes {key}, which the base model does not have; check that "
-                    "base_model is the model the adapters were trained on"
-                )
-            elif tuple(base.shape(key)) != shape:
-                problems.append(
-                    f"{owner[key]} has {key} of shape {shape} but the base model has "
-                    f"{tuple(base.shape(key))}; check that base_model is the right model"
-                )
+        _check_against_base(shapes, owner, base, problems)
         order = {k: i for i, k in enumerate(base.keys())}
         shapes = dict(sorted(shapes.items(), key=lambda kv: order.get(kv[0], len(order))))
     return shapes
+
+
+def _check_against_base(
+    shapes: dict[str, tuple[int, ...]], owner: dict[str, str], base: Any, problems: list[str]
+) -> None:
+    """Every changed key must exist in the base with the same shape (grouped per task model)."""
+    base_keys = set(base.keys())
+    absent: dict[str, list[str]] = {}
+    for key, shape in shapes.items():
+        if key not in base_keys:
+            absent.setdefault(owner[key], []).append(key)
+        elif tuple(base.shape(key)) != shape:
+            problems.append(
+                f"{owner[key]} has {key} of shape {shape} but the base model has "
+                f"{tuple(base.shape(key))}; check that base_model is the right model"
+            )
+    for label, keys in absent.items():
+        problems.append(
+            f"{label} changes {len(keys)} parameters that the base model does not have (e.g. "
+            f"{keys[0]}); check that base_model is the model it was trained on"
+        )
 
 
 def _check_bases(tasks: list[Task], problems: list[str]) -> None:

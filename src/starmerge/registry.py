@@ -46,9 +46,7 @@ class Registry(Generic[T]):
         if name not in self._entries:
             hint = did_you_mean(name, self._entries)
             available = ", ".join(sorted(self._entries))
-            raise UnknownNameError(
-                f"Unknown {self.kind} {name!r}.{hint} Available: {available}"
-            )
+            raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} Available: {available}")
         entry = self._entries[name]
         if isinstance(entry, str):
             module, _, attr = entry.partition(":")

@@ -18,6 +18,7 @@ def write_config(path: Path, **cfg) -> Path:
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run ``starmerge ARGV`` in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()  # drop what fixtures printed before the command
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from tests.integration.helpers import (
     load_state,
     peft_dense_deltas,
@@ -37,7 +36,10 @@ def test_star_model_output_equals_base_plus_expected_delta(
 ):
     base = tiny_models["llama"]
     cfg = write_config(
-        tmp_path / "star.yaml", method="star", parameters={"eta": 40}, base_model=str(base),
+        tmp_path / "star.yaml",
+        method="star",
+        parameters={"eta": 40},
+        base_model=str(base),
         models=[{"adapter": str(a)} for a in llama_adapters],
         output={"format": "model", "dtype": "float32"},
     )
@@ -63,8 +65,11 @@ def test_logits_of_reloaded_model(tmp_path, capsys, tiny_models, llama_adapters,
 
     base = tiny_models["llama"]
     cfg = write_config(
-        tmp_path / "ta.yaml", method="task_arithmetic", parameters={"scaling": 0.5},
-        base_model=str(base), models=[{"adapter": str(a)} for a in llama_adapters],
+        tmp_path / "ta.yaml",
+        method="task_arithmetic",
+        parameters={"scaling": 0.5},
+        base_model=str(base),
+        models=[{"adapter": str(a)} for a in llama_adapters],
     )
     assert run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")[0] == 0
     merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -78,39 +83,62 @@ def test_logits_of_reloaded_model(tmp_path, capsys, tiny_models, llama_adapters,
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,params", [("star", {"eta": 60}), ("simple_average", {}),
-                                           ("metagpt", {}), ("task_arithmetic", {"scaling": 0.7})])
-def test_adapter_output_matches_model_output(tmp_path, capsys, tiny_models, llama_adapters,
-                                             method, params):
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("star", {"eta": 60}),
+        ("simple_average", {}),
+        ("metagpt", {}),
+        ("task_arithmetic", {"scaling": 0.7}),
+    ],
+)
+def test_adapter_output_matches_model_output(
+    tmp_path, capsys, tiny_models, llama_adapters, method, params
+):
     import transformers as tf
     from peft import PeftModel
 
     base = tiny_models["llama"]
     models = [{"adapter": str(a)} for a in llama_adapters]
     for fmt in ("model", "adapter"):
-        cfg = write_config(tmp_path / f"{fmt}.yaml", method=method, parameters=params,
-                           base_model=str(base), models=models,
-                           output={"format": fmt, "dtype": "float32"})
+        cfg = write_config(
+            tmp_path / f"{fmt}.yaml",
+            method=method,
+            parameters=params,
+            base_model=str(base),
+            models=models,
+            output={"format": fmt, "dtype": "float32"},
+        )
         assert run_cli(capsys, "merge", cfg, tmp_path / fmt, "--quiet")[0] == 0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     model_out = load_state(tmp_path / "model")
-    peft_model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base),
-                                           tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(
+        tf.AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
+    )
     via_adapter = peft_model.merge_and_unload().state_dict()
     for key, tensor in model_out.items():
         torch.testing.assert_close(via_adapter[key], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_elementwise_method_into_adapter_needs_rank(tmp_path, capsys, tiny_models,
-                                                    llama_adapters):
+def test_elementwise_method_into_adapter_needs_rank(tmp_path, capsys, tiny_models, llama_adapters):
     base = tiny_models["llama"]
     models = [{"adapter": str(a)} for a in llama_adapters]
-    cfg = write_config(tmp_path / "ties.yaml", method="ties", base_model=str(base),
-                       models=models, output={"format": "adapter"})
+    cfg = write_config(
+        tmp_path / "ties.yaml",
+        method="ties",
+        base_model=str(base),
+        models=models,
+        output={"format": "adapter"},
+    )
     code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out")
     assert code == 2 and "output.rank" in err
-    cfg = write_config(tmp_path / "ties.yaml", method="ties", base_model=str(base),
-                       models=models, output={"format": "adapter", "rank": 8})
+    cfg = write_config(
+        tmp_path / "ties.yaml",
+        method="ties",
+        base_model=str(base),
+        models=models,
+        output={"format": "adapter", "rank": 8},
+    )
     code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "starmerge.json").read_text())
@@ -124,16 +152,22 @@ def test_other_architectures(tmp_path, capsys, tiny_models, arch, targets):
     base = tiny_models[arch]
     adapters = [make_adapter(base, tmp_path / f"a{i}", targets=targets, seed=i) for i in range(2)]
     refs = [peft_dense_deltas(base, a) for a in adapters]
-    cfg = write_config(tmp_path / "c.yaml", method="star", parameters={"eta": 50},
-                       base_model=str(base), models=[{"adapter": str(a)} for a in adapters],
-                       output={"dtype": "float32"})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        method="star",
+        parameters={"eta": 50},
+        base_model=str(base),
+        models=[{"adapter": str(a)} for a in adapters],
+        output={"dtype": "float32"},
+    )
     code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")
     assert code == 0, err
     expected = _expected(refs, lambda ts: sum(star_dense(t, 50) for t in ts) / len(ts))
     base_state, merged = load_state(base), load_state(tmp_path / "out")
     for key, want in expected.items():
-        torch.testing.assert_close(merged[key].double(), base_state[key].double() + want,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged[key].double(), base_state[key].double() + want, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_full_finetunes_simple_average(tmp_path, capsys, tiny_models):
@@ -152,8 +186,13 @@ def test_full_finetunes_simple_average(tmp_path, capsys, tiny_models):
         model.save_pretrained(tmp_path / f"ft{i}")
         fts.append(tmp_path / f"ft{i}")
         taus.append(tau)
-    cfg = write_config(tmp_path / "c.yaml", method="simple_average", base_model=str(base),
-                       models=[{"model": str(f)} for f in fts], output={"max_shard_size": "20KB"})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        method="simple_average",
+        base_model=str(base),
+        models=[{"model": str(f)} for f in fts],
+        output={"max_shard_size": "20KB"},
+    )
     code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")
     assert code == 0, err
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

@@ -7,8 +7,11 @@ from starmerge.errors import ConfigError, StarmergeError
 
 
 def _base(**kw):
-    cfg = {"method": "simple_average", "base_model": "b", "models": [{"adapter": "a1"},
-                                                                     {"adapter": "a2"}]}
+    cfg = {
+        "method": "simple_average",
+        "base_model": "b",
+        "models": [{"adapter": "a1"}, {"adapter": "a2"}],
+    }
     cfg.update(kw)
     return cfg
 
@@ -21,14 +24,25 @@ def test_minimal_config_fills_defaults():
 
 
 def test_every_problem_listed_once():
-    raw = _base(method="star", parameters={"eta": 0, "etaa": 1}, outptu={},
-                models=[{"adapter": "a", "model": "b"}, {"adaptr": "c"}],
-                output={"format": "gguf", "dtype": "fp8"})
+    raw = _base(
+        method="star",
+        parameters={"eta": 0, "etaa": 1},
+        outptu={},
+        models=[{"adapter": "a", "model": "b"}, {"adaptr": "c"}],
+        output={"format": "gguf", "dtype": "fp8"},
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     text = "\n".join(info.value.problems)
-    for needle in ["outptu", "eta must be in (0, 100], got 0", "'etaa'", "models[0] needs exactly",
-                   "'adaptr'", "output.format", "output.dtype"]:
+    for needle in [
+        "outptu",
+        "eta must be in (0, 100], got 0",
+        "'etaa'",
+        "models[0] needs exactly",
+        "'adaptr'",
+        "output.format",
+        "output.dtype",
+    ]:
         assert needle in text
     assert len(info.value.problems) >= 7
 

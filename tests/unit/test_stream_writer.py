@@ -11,9 +11,13 @@ from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan, plan_sh
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g).bfloat16(),
-            "scalar": torch.tensor(2.5), "big": torch.randn(40, 40, generator=g),
-            "ids": torch.arange(6)}
+    return {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.randn(5, generator=g).bfloat16(),
+        "scalar": torch.tensor(2.5),
+        "big": torch.randn(40, 40, generator=g),
+        "ids": torch.arange(6),
+    }
 
 
 @pytest.mark.parametrize("max_size", [10**9, 1000])

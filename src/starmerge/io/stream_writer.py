@@ -22,9 +22,16 @@ import torch
 from starmerge.errors import InputError, OutputError
 
 _DTYPE_CODES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -46,8 +53,10 @@ class TensorPlan:
 
 
 def plan_shards(tensors: Sequence[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
-    """Split tensors, in order, into shards of at most ``max_shard_size`` bytes (a bigger tensor
-    gets a shard of its own)."""
+    """Split tensors, in order, into shards of at most ``max_shard_size`` bytes.
+
+    A tensor bigger than ``max_shard_size`` gets a shard of its own.
+    """
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for t in tensors:
