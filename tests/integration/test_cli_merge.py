@@ -201,3 +201,31 @@ def test_full_finetunes_simple_average(tmp_path, capsys, tiny_models):
     for name, p in merged.named_parameters():
         want = base_state[name] + (taus[0][name] + taus[1][name]) / 2
         torch.testing.assert_close(p.data, want, rtol=1e-5, atol=1e-6)
+
+
+def test_validate_and_dry_run_write_nothing(tmp_path, capsys, tiny_models, llama_adapters):
+    base = tiny_models["llama"]
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        method="ties",
+        base_model=str(base),
+        models=[{"adapter": str(a)} for a in llama_adapters],
+    )
+    code, out, err = run_cli(capsys, "validate", cfg)
+    assert code == 0, err
+    assert "predicted peak memory" in out and out.strip().endswith("ok")
+    # 3 tasks + 2 times the largest merged tensor (32x32 fp32) + largest base tensor (128x32).
+    assert f"{(5 * 32 * 32 * 4 + 128 * 32 * 4) / 2**20:.1f} MiB" in out
+    code, out, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--dry-run")
+    assert code == 0 and "dry run" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_every_method_with_defaults(capsys):
+    from starmerge.methods import METHODS
+
+    code, out, _ = run_cli(capsys, "methods")
+    assert code == 0
+    for name in METHODS.names():
+        assert f"{name}:" in out
+    assert "eta = 40.0" in out and "density = 0.2" in out
