@@ -94,6 +94,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
         for k in keys
     ]
     writer = StreamingShardWriter(tmp, tensors, parse_size(plan.config.output.max_shard_size))
+    artifacts = _artifact_writer(plan, tmp)
     merged = merge_params(
         plan.method,
         plan.params,
@@ -111,9 +112,12 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
             assert merged_key == key  # merge_params follows the given key order
             weight = weight.to(torch.float32) + result.delta.to_dense(torch.float32)
             per_param[key] = dict(result.stats)
+            _write_artifacts(artifacts, key, result)
         writer.write(key, weight)
         del weight
     writer.close()
+    if artifacts is not None:
+        artifacts.close()
     copy_model_files(plan.base_path, tmp)
     return {"per_parameter": per_param}
 
@@ -124,6 +128,7 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
     modules: dict[str, LowRank] = {}
     per_param: dict[str, dict] = {}
     energies = []
+    artifacts = _artifact_writer(plan, tmp)
     results = merge_params(plan.method, plan.params, state, plan.shapes, plan.read, device=device)
     for key, result in tqdm(
         results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
@@ -134,7 +139,10 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
             stats["svd_energy_kept"] = energy
             energies.append(energy)
         per_param[key] = stats
+        _write_artifacts(artifacts, key, result)
         modules[key.removesuffix(".weight")] = lowrank
+    if artifacts is not None:
+        artifacts.close()
     first = plan.tasks[0].source
     write_adapter(
         tmp,
@@ -149,6 +157,36 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
     if energies:
         summary["svd_energy_kept_min"] = min(energies)
     return summary
+
+
+def _artifact_writer(plan: Plan, tmp: Path):
+    """A writer for the method's per-parameter artifacts (masks), planned from shapes; or None."""
+    from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan
+    from starmerge.io.writer import parse_size
+
+    if not plan.method.artifacts:
+        return None
+    n_tasks = len(plan.tasks)
+    tensors = [
+        TensorPlan(f"{key}::{name}", tuple(shape_fn(shape, n_tasks)), dtype)
+        for key, shape in plan.shapes.items()
+        for name, (shape_fn, dtype) in plan.method.artifacts.items()
+    ]
+    size = parse_size(plan.config.output.max_shard_size)
+    return StreamingShardWriter(tmp, tensors, size, prefix="artifacts")
+
+
+def _write_artifacts(writer, key: str, result: Merged) -> None:
+    if writer is None:
+        return
+    for name in writer_names(writer, key):
+        writer.write(f"{key}::{name}", result.artifacts[name])
+
+
+def writer_names(writer, key: str) -> list[str]:
+    """The artifact names planned for ``key``, in planned order."""
+    prefix = f"{key}::"
+    return [t.key[len(prefix) :] for s in writer.shards for t in s if t.key.startswith(prefix)]
 
 
 def _as_lowrank(key: str, result: Merged, rank: int | None) -> tuple[LowRank, float | None]:

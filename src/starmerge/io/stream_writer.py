@@ -81,14 +81,22 @@ class StreamingShardWriter:
         >>> w.write("w", torch.zeros(2, 2)); files = w.close()
     """
 
-    def __init__(self, directory: Path, tensors: Sequence[TensorPlan], max_shard_size: int):
+    def __init__(
+        self,
+        directory: Path,
+        tensors: Sequence[TensorPlan],
+        max_shard_size: int,
+        *,
+        prefix: str = "model",
+    ):
         self.directory = Path(directory)
+        self.prefix = prefix
         self.shards = plan_shards(tensors, max_shard_size)
         n = len(self.shards)
         self.names = (
-            ["model.safetensors"]
+            [f"{prefix}.safetensors"]
             if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self._queue = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._pos = 0
@@ -134,7 +142,7 @@ class StreamingShardWriter:
         weight_map = {t.key: self.names[i] for i, s in enumerate(self.shards) for t in s}
         total = sum(t.nbytes for s in self.shards for t in s)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        path = self.directory / "model.safetensors.index.json"
+        path = self.directory / f"{self.prefix}.safetensors.index.json"
         self._guarded(lambda: path.write_text(json.dumps(index, indent=2) + "\n"))
 
     def _guarded(self, action) -> None:

@@ -29,10 +29,14 @@ class Merged:
         delta: The merged delta (the pipeline adds the base).
         stats: Small JSON-able per-parameter statistics for the manifest
             (STAR: kept ranks per task; TIES: kept fraction).
+        artifacts: Tensors saved next to the output in ``artifacts.safetensors`` under
+            ``"<key>::<name>"`` (Localize-and-Stitch masks); shapes must be predictable from the
+            parameter's shape and the number of tasks (see ``Method.artifacts``).
     """
 
     delta: Delta
     stats: Mapping[str, Any] = field(default_factory=dict)
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class Method:
         lowrank_output: True when low-rank inputs give an exactly low-rank result.
         paper: The paper's URL.
         summary: One line for ``starmerge methods``.
+        needs_data: True for data-driven methods (statistics collected from task data).
+        artifacts: ``{name: (shape_fn, dtype)}``: the per-parameter artifact tensors ``fn``
+            returns, ``shape_fn(param_shape, n_tasks) -> shape``, so the writer can plan them.
     """
 
     name: str
@@ -102,6 +109,10 @@ class Method:
     lowrank_output: bool = False
     paper: str = ""
     summary: str = ""
+    needs_data: bool = False
+    artifacts: Mapping[str, tuple[Callable[[tuple[int, ...], int], tuple[int, ...]], Any]] = field(
+        default_factory=dict
+    )
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``given`` hyperparameters and fill defaults.
@@ -163,6 +174,9 @@ def register_method(
     fit: Callable[..., Fitter] | None = None,
     lowrank_output: bool = False,
     paper: str = "",
+    needs_data: bool = False,
+    artifacts: Mapping[str, tuple[Callable[[tuple[int, ...], int], tuple[int, ...]], Any]]
+    | None = None,
 ) -> Callable[[Callable[..., Merged]], Callable[..., Merged]]:
     """Register ``fn`` as merge method ``name``.
 
@@ -184,6 +198,8 @@ def register_method(
                 lowrank_output=lowrank_output,
                 paper=paper,
                 summary=doc.splitlines()[0] if doc else "",
+                needs_data=needs_data,
+                artifacts=dict(artifacts or {}),
             ),
         )
         return fn
