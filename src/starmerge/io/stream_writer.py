@@ -77,8 +77,9 @@ class StreamingShardWriter:
         max_shard_size: Bytes per shard.
 
     Example:
-        >>> w = StreamingShardWriter(tmp, [TensorPlan("w", (2, 2), torch.float32)], 5 << 30)
-        >>> w.write("w", torch.zeros(2, 2)); files = w.close()
+        >>> plans = [TensorPlan("w", (2, 2), torch.float32)]
+        >>> w = StreamingShardWriter(tmp, plans, 5 << 30)  # doctest: +SKIP
+        >>> w.write("w", torch.zeros(2, 2)); files = w.close()  # doctest: +SKIP
     """
 
     def __init__(

@@ -1,0 +1,300 @@
+"""PEFT LoRA adapter directories as task deltas (``LowRank``), read lazily.
+
+Per DESIGN.md: the delta of ``<module>.weight`` is ``scale * B @ A``, scale = alpha / r (alpha /
+sqrt(r) with ``use_rslora``), r and alpha per module from ``rank_pattern``/``alpha_pattern`` as PEFT
+matches them, transposed when ``fan_in_fan_out``; keys drop ``base_model.model.``. Other features
+(DoRA, LoRA biases, embedding LoRA, ``modules_to_save``, variants, base-changing inits) and unknown
+tensors are refused by name. ``target_modules``/``layers_to_transform`` need no handling: the
+modules come from the tensors in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from starmerge.errors import InputError, UnsupportedFeatureError
+from starmerge.io.checkpoint import TensorIndex
+from starmerge.tensors.delta import LowRank
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+# "<module>.lora_A.weight", or "<module>.lora_A.<adapter name>.weight" (older PEFT, raw state dicts)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MERGE_FIX = "merge it into the base model (PeftModel.merge_and_unload) and pass it as `model:`"
+# init_lora_weights values whose adapter applies to a modified base model, not the original one
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# *_config fields that only configure an initialisation or a runtime, not the adapted function
+_HARMLESS_CONFIGS = set(
+    "loftq_config eva_config corda_config lora_ga_config megatron_config runtime_config".split()
+)
+_TENSOR_FEATURES = (  # marker in a tensor key -> feature name
+    ("lora_magnitude_vector", "DoRA"), ("lora_embedding_", "embedding LoRA"),
+    ("modules_to_save", "modules_to_save"), ("trainable_tokens", "trainable tokens"),
+)  # fmt: skip
+_FEATURE_FLAGS = {  # config key -> feature name, refused when truthy
+    "use_dora": "DoRA (use_dora: true)", "lora_bias": "LoRA bias (lora_bias: true)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "LoRA on nn.Parameter (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora: true)",
+}  # fmt: skip
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first of ``patterns`` that matches module ``name``, as PEFT's ``get_pattern_key``.
+
+    A pattern matches when it is a regex for the whole name or for a suffix after a ``.``.
+
+    Example:
+        >>> pattern_key(["layers.1.self_attn.q_proj"], "model.layers.1.self_attn.q_proj")
+        'layers.1.self_attn.q_proj'
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class _Module:
+    a_key: str  # lora_A tensor, (r, in)
+    b_key: str  # lora_B tensor, (out, r)
+    shape: tuple[int, int]  # delta shape in the base weight's layout
+    rank: int
+    scale: float
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter: one ``LowRank`` delta per adapted ``<module>.weight``.
+
+    Built by :func:`load_adapter`; only headers are read until :meth:`get`.
+    """
+
+    def __init__(
+        self, path: Path, config: dict[str, Any], index: TensorIndex, modules: dict[str, _Module]
+    ):
+        self.path = path
+        self.config = config
+        self._index = index
+        self._modules = modules
+
+    @property
+    def base_model(self) -> str | None:
+        """``base_model_name_or_path`` from the adapter config."""
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def task_type(self) -> str | None:
+        """PEFT ``task_type`` (e.g. ``"CAUSAL_LM"``), or ``None``."""
+        return self.config.get("task_type")
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base weights are stored (in, out) (GPT-2 ``Conv1D``)."""
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def files(self) -> list[Path]:
+        """The adapter's weight files."""
+        return self._index.files
+
+    def keys(self) -> list[str]:
+        """Parameter keys ``<module>.weight``, in file order."""
+        return list(self._modules)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Parameter key -> delta shape in the base weight's layout."""
+        return {key: m.shape for key, m in self._modules.items()}
+
+    def get(self, key: str) -> LowRank:
+        """Read the delta of parameter ``key``, with ``b @ a`` in the base weight's layout.
+
+        Raises:
+            KeyError: The adapter does not adapt ``key``.
+            InputError: A factor holds NaN or Inf, or the file cannot be read.
+        """
+        m = self._module(key)
+        a, b = self._read(m.a_key), self._read(m.b_key)
+        if self.fan_in_fan_out:  # base stored (in, out): delta^T = (B A)^T = A^T B^T
+            return LowRank(a.T, b.T, m.scale)
+        return LowRank(b, a, m.scale)
+
+    def check_finite(self) -> None:
+        """Read every factor and raise ``InputError`` at the first NaN or Inf."""
+        for m in self._modules.values():
+            self._read(m.a_key)
+            self._read(m.b_key)
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({str(self.path)!r}, {len(self._modules)} modules)"
+
+    def _module(self, key: str) -> _Module:
+        try:
+            return self._modules[key]
+        except KeyError:
+            raise KeyError(f"adapter {self.path} does not adapt '{key}'") from None
+
+    def _read(self, tensor_key: str) -> torch.Tensor:
+        t = self._index.get(tensor_key)
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"adapter {self.path}: tensor '{tensor_key}' contains NaN or Inf values; "
+                "re-train or re-export the adapter"
+            )
+        return t
+
+
+def load_adapter(path: Path | str) -> LoraAdapter:
+    """Open the PEFT LoRA adapter in local directory ``path`` (headers only).
+
+    Args:
+        path: A directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+            (or ``adapter_model.bin``).
+
+    Returns:
+        The adapter.
+
+    Raises:
+        InputError: Files are missing or unreadable, or ranks disagree with the tensors.
+        UnsupportedFeatureError: The adapter uses a feature starmerge does not implement.
+
+    Example:
+        >>> ad = load_adapter("adapters/news")  # doctest: +SKIP
+        >>> ad.get("model.layers.0.self_attn.q_proj.weight").rank  # doctest: +SKIP
+        8
+    """
+    path = Path(path)
+    config = _read_config(path)
+    _refuse_config(config, path)
+    weights = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        raise InputError(
+            f"adapter {path} has no adapter_model.safetensors or adapter_model.bin; "
+            "save the adapter with PeftModel.save_pretrained"
+        )
+    index = TensorIndex.open(weights)
+    return LoraAdapter(path, config, index, _modules(index, config, path))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / ADAPTER_CONFIG
+    if not file.is_file():
+        raise InputError(
+            f"adapter {path} has no {ADAPTER_CONFIG}; give a PEFT adapter directory "
+            "(saved with PeftModel.save_pretrained)"
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {file} ({e}); re-export the adapter") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{file} holds {type(config).__name__}, not an object; re-export it")
+    return config
+
+
+def _refuse(path: Path, feature: str, fix: str = _MERGE_FIX) -> UnsupportedFeatureError:
+    return UnsupportedFeatureError(
+        f"adapter {path} uses {feature}, which starmerge does not implement; {fix}"
+    )
+
+
+def _refuse_config(config: dict[str, Any], path: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise _refuse(path, f"peft_type {peft_type!r} (only LORA is supported)")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        raise _refuse(path, f"LoRA bias (bias: {bias})")
+    if config.get("modules_to_save"):
+        raise _refuse(path, f"modules_to_save ({config['modules_to_save']})")
+    for key, feature in _FEATURE_FLAGS.items():
+        if config.get(key):
+            raise _refuse(path, feature)
+    for key, value in config.items():  # LoRA variants: *_config and use_* switches
+        unknown_config = key.endswith("_config") and key not in _HARMLESS_CONFIGS
+        unknown_switch = key.startswith("use_") and key != "use_rslora"
+        if value and (unknown_config or unknown_switch):
+            raise _refuse(path, f"the LoRA variant {key}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise _refuse(
+            path,
+            f"init_lora_weights: {init} (its adapter applies to a changed base model)",
+            "re-save it with PEFT's path_initial_model_for_weight_conversion, or " + _MERGE_FIX,
+        )
+
+
+def _refuse_tensors(keys: list[str], path: Path) -> UnsupportedFeatureError:
+    """The error for tensors that are not LoRA factors, naming the feature where known."""
+    for marker, feature in (*_TENSOR_FEATURES, (".bias", "LoRA bias")):
+        hit = next(
+            (k for k in keys if marker in k and (marker != ".bias" or k.endswith(marker))), ""
+        )
+        if hit:
+            return _refuse(path, f"{feature} (tensor '{hit}')")
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return _refuse(path, f"tensor '{keys[0]}'{more}, which the LoRA loader does not understand")
+
+
+def _modules(index: TensorIndex, config: dict[str, Any], path: Path) -> dict[str, _Module]:
+    pairs: dict[str, dict[str, str]] = {}
+    names: set[str | None] = set()
+    matches = {key: _LORA_KEY.match(key.removeprefix(PREFIX)) for key in index.keys()}
+    unknown = [key for key, m in matches.items() if m is None]
+    if unknown:
+        raise _refuse_tensors(unknown, path)
+    for key, m in matches.items():
+        names.add(m["adapter"])
+        pairs.setdefault(m["module"], {})[m["which"]] = key
+    if len(names) > 1:
+        raise InputError(
+            f"adapter {path} holds several adapters ({sorted(map(str, names))}); "
+            "save each adapter to its own directory"
+        )
+    return {f"{mod}.weight": _module(mod, ab, index, config, path) for mod, ab in pairs.items()}
+
+
+def _module(
+    module: str, ab: dict[str, str], index: TensorIndex, config: dict[str, Any], path: Path
+) -> _Module:
+    if set(ab) != {"A", "B"}:
+        missing = "lora_B" if "A" in ab else "lora_A"
+        raise InputError(f"adapter {path}: module '{module}' has no {missing}; re-export it")
+    a_shape, b_shape = index.shape(ab["A"]), index.shape(ab["B"])
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        raise _refuse(path, f"conv LoRA (module '{module}', lora_A shape {a_shape})")
+    r = _pattern_value(config, "rank_pattern", module, config.get("r", 8), path)
+    alpha = _pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", 8), path)
+    if not (a_shape[0] == b_shape[1] == r) or r <= 0:
+        raise InputError(
+            f"adapter {path}: module '{module}' has r={r} in {ADAPTER_CONFIG} but lora_A "
+            f"{a_shape} and lora_B {b_shape}; fix r/rank_pattern or re-export the adapter"
+        )
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    shape = (b_shape[0], a_shape[1])  # (out, in)
+    if config.get("fan_in_fan_out"):
+        shape = (a_shape[1], b_shape[0])  # Conv1D stores (in, out)
+    return _Module(ab["A"], ab["B"], shape, r, float(scale))
+
+
+def _pattern_value(
+    config: dict[str, Any], field: str, module: str, default: float, path: Path
+) -> Any:
+    patterns = config.get(field) or {}
+    try:
+        key = pattern_key(patterns, module)
+    except re.error as e:
+        raise InputError(
+            f"adapter {path}: {field} has a key that is not a valid regex ({e}); fix {field}"
+        ) from None
+    return default if key is None else patterns[key]

@@ -1,0 +1,280 @@
+"""A read-only lazy index over the tensors of one checkpoint.
+
+``TensorIndex.open(path)`` reads only the safetensors headers (``safe_open``); ``get`` reads one
+tensor when asked. The open file handles are kept, so repeated ``get`` calls are cheap. Layouts:
+
+- a directory with ``model.safetensors.index.json`` and its shards, or ``model.safetensors``;
+- a directory with ``pytorch_model.bin.index.json`` and its shards, or ``pytorch_model.bin``;
+- a directory holding exactly one ``*.safetensors`` file, or that file itself;
+- a single ``.bin``/``.pt``/``.pth`` file or a ``*.index.json`` file.
+
+Pickled ``.bin`` checkpoints are loaded with ``torch.load(weights_only=True, mmap=True)``: the
+zip archive is memory-mapped, but its whole pickle is read at open, so prefer safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from starmerge.errors import InputError
+
+# safetensors dtype tags -> torch dtypes (F8 types only where this torch has them).
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _tag, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        _DTYPES[_tag] = getattr(torch, _name)
+
+_DIR_LAYOUTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_FIX = "re-download or re-save it"
+_Meta = tuple[tuple[int, ...], torch.dtype, Path]  # shape, dtype, file
+
+
+class TensorIndex:
+    """Lazy, read-only access to the tensors of a checkpoint (headers only at open).
+
+    Use :meth:`open`; the constructor is internal.
+
+    Example:
+        >>> idx = TensorIndex.open("path/to/model")  # doctest: +SKIP
+        >>> idx.shape("lm_head.weight")  # doctest: +SKIP
+        (128, 32)
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        files: list[Path],
+        meta: dict[str, _Meta],
+        handles: dict[Path, Any],
+        loaded: dict[str, Tensor],
+    ):
+        self.path = path
+        self._files = files
+        self._meta = meta  # key -> (shape, dtype, file)
+        self._handles = handles  # safetensors file -> open safe_open handle
+        self._loaded = loaded  # key -> tensor, for pickled checkpoints (read at open)
+
+    @classmethod
+    def open(cls, path: Path | str) -> TensorIndex:
+        """Index the checkpoint at ``path`` (a directory or a weights file).
+
+        Args:
+            path: A local directory or file (see the module docstring for layouts).
+
+        Returns:
+            The index; nothing but headers has been read (except for pickled ``.bin`` files).
+
+        Raises:
+            InputError: The path holds no weights, a shard is missing, or a file is truncated
+                or corrupt.
+        """
+        path = Path(path)
+        files, index = _weight_files(path)
+        meta: dict[str, _Meta] = {}
+        handles: dict[Path, Any] = {}
+        loaded: dict[str, Tensor] = {}
+        for file in files:
+            if file.suffix == ".safetensors":
+                handles[file] = _open_safetensors(file)
+                for key in handles[file].keys():
+                    sl = handles[file].get_slice(key)
+                    meta[key] = (tuple(sl.get_shape()), _dtype(sl.get_dtype(), key, file), file)
+            else:
+                for key, tensor in _load_pickle(file).items():
+                    meta[key] = (tuple(tensor.shape), tensor.dtype, file)
+                    loaded[key] = tensor
+        if index is not None:
+            _check_weight_map(index, meta)
+        return cls(path, files, meta, handles, loaded)
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files this index reads, in order."""
+        return list(self._files)
+
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self._meta)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key`` (from the header)."""
+        return self._entry(key)[0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of tensor ``key`` (from the header)."""
+        return self._entry(key)[1]
+
+    def nbytes(self, key: str) -> int:
+        """The stored size of tensor ``key`` in bytes."""
+        shape, dtype, _ = self._entry(key)
+        numel = 1
+        for n in shape:
+            numel *= n
+        return numel * dtype.itemsize
+
+    def get(self, key: str) -> Tensor:
+        """Read tensor ``key`` (one tensor; a CPU tensor in its stored dtype).
+
+        Raises:
+            KeyError: ``key`` is not in the checkpoint.
+            InputError: The file cannot be read (truncated or corrupt).
+        """
+        _, _, file = self._entry(key)
+        if key in self._loaded:
+            return self._loaded[key]
+        try:
+            return self._handles[file].get_tensor(key)
+        except SafetensorError as e:
+            raise InputError(
+                f"cannot read tensor '{key}' from {file}: the file is truncated or corrupt "
+                f"({e}); {_FIX}"
+            ) from None
+
+    def close(self) -> None:
+        """Drop the open file handles and loaded tensors."""
+        self._handles.clear()
+        self._loaded.clear()
+
+    def __enter__(self) -> TensorIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorIndex({str(self.path)!r}, {len(self._meta)} tensors)"
+
+    def _entry(self, key: str) -> _Meta:
+        try:
+            return self._meta[key]
+        except KeyError:
+            raise KeyError(f"tensor '{key}' is not in the checkpoint {self.path}") from None
+
+
+def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
+    """The weight files of the checkpoint at ``path`` (checked to exist), and its shard index."""
+    if path.is_dir():
+        for name in _DIR_LAYOUTS:
+            if (path / name).is_file():
+                return _weight_files(path / name)
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found, None
+        listing = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise InputError(
+            f"no model weights in directory {path} (found: {listing}); expected "
+            "model.safetensors, model.safetensors.index.json with shards, or pytorch_model.bin"
+        )
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist; give a directory or a weights file")
+    if path.name.endswith(".index.json"):
+        return _shards(path), path
+    if path.suffix == ".safetensors" or path.suffix in _PICKLE_SUFFIXES:
+        return [path], None
+    raise InputError(
+        f"cannot read weights file {path} (suffix '{path.suffix}'); give a .safetensors file, "
+        "a pytorch .bin file, a *.index.json shard index or a model directory"
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"shard index {index} is not a valid index (no readable weight_map: {e}); {_FIX}"
+        ) from None
+    return weight_map
+
+
+def _shards(index: Path) -> list[Path]:
+    shards = [index.parent / name for name in dict.fromkeys(_read_index(index).values())]
+    for shard in shards:
+        if not shard.is_file():
+            raise InputError(
+                f"shard {shard.name} listed in {index} is missing; re-download the checkpoint "
+                "with all its shards"
+            )
+    return shards
+
+
+def _check_weight_map(index: Path, meta: dict[str, _Meta]) -> None:
+    """Every key a shard index lists must be in the shard it names."""
+    for key, shard in _read_index(index).items():
+        if key not in meta or meta[key][2].name != shard:
+            raise InputError(
+                f"tensor '{key}' listed in {index} is not in shard {shard}; the shards do not "
+                f"match their index, {_FIX}"
+            )
+
+
+def _open_safetensors(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise InputError(
+            f"cannot read {file}: the safetensors file is truncated or corrupt ({e}); {_FIX}"
+        ) from None
+
+
+def _dtype(tag: str, key: str, file: Path) -> torch.dtype:
+    if tag not in _DTYPES:
+        raise InputError(
+            f"tensor '{key}' in {file} has dtype {tag}, which starmerge cannot read; re-save the "
+            f"checkpoint in one of {', '.join(_DTYPES)}"
+        )
+    return _DTYPES[tag]
+
+
+def _load_pickle(file: Path) -> dict[str, Tensor]:
+    """Load a pickled state dict safely (``weights_only``), memory-mapped when possible."""
+    try:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(
+            f"cannot read {file}: the file is truncated, corrupt or not a plain state dict "
+            f"({reason}); {_FIX} (safetensors preferred)"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise InputError(
+            f"{file} does not hold a flat state dict of tensors (got {type(obj).__name__}); "
+            "re-save it with torch.save(model.state_dict()) or as safetensors"
+        )
+    return obj
