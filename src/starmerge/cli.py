@@ -167,6 +167,57 @@ def demo(
     demo_mod.run_demo(**preset, full=full, out_dir=out_dir, cache_dir=cache_dir, progress=not quiet)
 
 
+@cli.command(name="eval")
+@click.argument("model")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    required=True,
+    help="A task file (.yaml) or built-in task name; repeat for several.",
+)
+@click.option("--adapter", default=None, help="A PEFT adapter to merge into MODEL first.")
+@click.option("--name", default=None, help="Row name in the results (default: MODEL's name).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("results/eval"),
+    show_default=True,
+)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--chat-template", is_flag=True, help="Wrap prompts in the tokenizer's chat template."
+)
+def eval_command(
+    model: str,
+    tasks: tuple[str, ...],
+    adapter: str | None,
+    name: str | None,
+    out_dir: Path,
+    batch_size: int,
+    seed: int,
+    chat_template: bool,
+) -> None:
+    """Score MODEL (a HF model directory or hub id) on task files; write a results JSON."""
+    from starmerge.eval.evaluate_model import evaluate_model
+    from starmerge.report.tables import render_table
+
+    results, path = evaluate_model(
+        model,
+        list(tasks),
+        out_dir,
+        adapter=adapter,
+        name=name,
+        batch_size=batch_size,
+        seed=seed,
+        chat_template=chat_template,
+    )
+    click.echo(render_table(results))
+    click.echo(f"results: {path}")
+
+
 @cli.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
