@@ -151,7 +151,7 @@ def _check(method: str, key: str, value: Any, param: Param) -> str | None:
         ok_type = isinstance(value, want)
     if not ok_type:
         return (
-            f"{method}: {key} must be a {want.__name__}, got {value!r} "
+            f"{method}: {key} must be {_article(want.__name__)} {want.__name__}, got {value!r} "
             f"({type(value).__name__}); fix the value in `parameters:`"
         )
     if param.choices is not None and value not in param.choices:
@@ -161,6 +161,10 @@ def _check(method: str, key: str, value: Any, param: Param) -> str | None:
         )
     fragment = param.check(value) if param.check else None
     return f"{method}: {key} {fragment}, got {value!r}" if fragment else None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 METHODS: Registry[Method] = Registry("method")

@@ -44,7 +44,7 @@ def simple_average(deltas: Sequence[Delta]) -> Merged:
     if all(isinstance(d, LowRank) for d in deltas):
         return Merged(concat_lowrank(deltas, [1.0 / n_tasks] * n_tasks))  # type: ignore[arg-type]
     out_dtype = deltas[0].dtype
-    total = torch.zeros(deltas[0].shape, dtype=torch.float32)
+    total = torch.zeros(deltas[0].shape, dtype=torch.float32, device=deltas[0].device)
     for d in deltas:
         total += d.to_dense(torch.float32)
     return Merged(Dense((total / n_tasks).to(out_dtype)))

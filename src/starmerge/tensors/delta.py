@@ -35,6 +35,11 @@ class Dense:
         """The stored dtype."""
         return self.tensor.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensor lives."""
+        return self.tensor.device
+
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """The delta as a tensor (a view when no cast is needed)."""
         return self.tensor if dtype is None else self.tensor.to(dtype)
@@ -85,11 +90,16 @@ class LowRank:
         """The stored dtype of the factors."""
         return self.b.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the factors live."""
+        return self.b.device
+
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """``scale * b @ a``, computed in float32 (or ``dtype``) and returned in it."""
         compute = dtype or (self.b.dtype if self.b.dtype == torch.float64 else torch.float32)
         if self.rank == 0:
-            return torch.zeros(self.shape, dtype=compute)
+            return torch.zeros(self.shape, dtype=compute, device=self.b.device)
         return (self.b.to(compute) @ self.a.to(compute)) * self.scale
 
     def numel(self) -> int:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from starmerge.tensors.delta import LowRank
+from starmerge.tensors.delta import Delta, Dense, LowRank
 
 
 def concat_lowrank(deltas: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
@@ -22,6 +22,27 @@ def concat_lowrank(deltas: Sequence[LowRank], weights: Sequence[float]) -> LowRa
     """
     out_dtype = deltas[0].dtype
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-    bs = [d.b.to(compute) * (d.scale * w) for d, w in zip(deltas, weights)]  # (out, r_t)
+    pairs = zip(deltas, weights, strict=True)
+    bs = [d.b.to(compute) * (d.scale * w) for d, w in pairs]  # (out, r_t)
     as_ = [d.a.to(compute) for d in deltas]  # (r_t, in)
     return LowRank(torch.cat(bs, dim=1).to(out_dtype), torch.cat(as_, dim=0).to(out_dtype), 1.0)
+
+
+def sq_frobenius(delta: Delta) -> float:
+    """``||delta||_F^2`` in float64; for ``LowRank`` from the factors, without densifying.
+
+    ``||s B A||_F^2 = s^2 * sum((B^T B) * (A A^T))``: two ``(r, r)`` Grams, O((m + n) r^2).
+
+    Example:
+        >>> sq_frobenius(LowRank(torch.ones(3, 1), torch.ones(1, 2), 2.0))
+        24.0
+    """
+    if isinstance(delta, Dense):
+        x = delta.tensor.to(torch.float64)
+        return float((x * x).sum())
+    if delta.rank == 0:
+        return 0.0
+    b, a = delta.b.to(torch.float64), delta.a.to(torch.float64)
+    gram_b = b.T @ b  # (r, r)
+    gram_a = a @ a.T  # (r, r)
+    return float(delta.scale) ** 2 * float((gram_b * gram_a).sum())

@@ -1,0 +1,169 @@
+"""Exact top-k magnitude thresholds by streaming radix select, and magnitude trimming.
+
+TIES keeps, per task, the ``keep`` largest ``|x|`` over *all* of that task's parameters. Holding
+a task's whole vector (billions of entries for an LLM) to call ``torch.topk`` is what the seed
+code does; here the exact threshold comes from two streaming passes over the bit patterns of
+``|x|`` in float32, whose integer order equals their float order for non-negative values:
+
+1. histogram of the high 16 bits (32,768 buckets: the sign bit is 0) -> the bucket holding the
+   ``keep``-th largest value and how many of its entries are still needed;
+2. histogram of the low 16 bits of the entries inside that bucket -> the exact bit pattern.
+
+Memory is O(65,536) counters per task whatever the model size; each pass reads every tensor once.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+_HIGH = 1 << 15  # high-16-bit buckets of a non-negative float32 (sign bit 0)
+_LOW = 1 << 16
+
+
+def keep_count(density: float, n: int) -> int:
+    """``floor(density * n)`` computed on the decimal value of ``density`` (0.57 * 100 = 57).
+
+    Example:
+        >>> keep_count(0.57, 100)
+        57
+    """
+    return int(Fraction(str(density)) * n)
+
+
+def abs_bits(x: Tensor) -> Tensor:
+    """The int32 bit patterns of ``|x|`` in float32, flattened (ordered like the values)."""
+    return x.detach().to(torch.float32).abs().reshape(-1).view(torch.int32)
+
+
+def bits_to_float(bits: int) -> float:
+    """The float32 value with bit pattern ``bits`` as a Python float (exact)."""
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _walk_down(counts: Tensor, need: int) -> tuple[int, int]:
+    """Find the bucket holding the ``need``-th largest entry (1-based) from bucket counts.
+
+    Returns:
+        ``(bucket, need_inside)``: the bucket index and how many of its entries, counted from
+        its top, are needed to reach ``need``.
+    """
+    below_or_in = torch.cumsum(counts, 0)  # entries in buckets <= i
+    total = int(below_or_in[-1])
+    # the bucket b with (entries above b) < need <= (entries in b or above)
+    bucket = int(torch.searchsorted(below_or_in, total - need, right=True))
+    return bucket, need - (total - int(below_or_in[bucket]))
+
+
+class RadixSelect:
+    """Streaming exact selection of the ``keep``-th largest ``|x|`` over many tensors.
+
+    Feed every tensor with :meth:`add_high`, call :meth:`finish_high`, feed them all again with
+    :meth:`add_low` (only when :attr:`needs_low_pass`), then read :attr:`threshold`.
+
+    Example:
+        >>> sel = RadixSelect()
+        >>> x = torch.tensor([3.0, -1.0, 2.0])
+        >>> sel.add_high(x); sel.finish_high(keep=2)
+        >>> sel.add_low(x); sel.finish_low(); sel.threshold
+        2.0
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._high: Tensor | None = None
+        self._low: Tensor | None = None
+        self._bucket = -1
+        self._need = 0
+        self.threshold: float | None = None
+
+    def add_high(self, x: Tensor) -> None:
+        """Pass 1: count ``x``'s entries per high-16-bit bucket."""
+        counts = torch.bincount(abs_bits(x) >> 16, minlength=_HIGH)
+        self._high = counts if self._high is None else self._high + counts.to(self._high.device)
+        self.n += x.numel()
+
+    def finish_high(self, keep: int) -> None:
+        """End pass 1 for ``keep`` entries; ``keep <= 0`` keeps nothing (threshold None)."""
+        keep = min(keep, self.n)
+        if keep <= 0 or self._high is None:
+            self.threshold = None
+            return
+        self._bucket, self._need = _walk_down(self._high.cpu(), keep)
+        self._high = None
+
+    @property
+    def needs_low_pass(self) -> bool:
+        """True when :meth:`add_low` must see every tensor again."""
+        return self._bucket >= 0 and self.threshold is None
+
+    def add_low(self, x: Tensor) -> None:
+        """Pass 2: count the low 16 bits of ``x``'s entries inside the selected bucket."""
+        if not self.needs_low_pass:
+            return
+        bits = abs_bits(x)
+        inside = bits[(bits >> 16) == self._bucket] & 0xFFFF
+        counts = torch.bincount(inside, minlength=_LOW)
+        self._low = counts if self._low is None else self._low + counts.to(self._low.device)
+
+    def finish_low(self) -> None:
+        """End pass 2: fix the exact threshold."""
+        if not self.needs_low_pass or self._low is None:
+            return
+        low, _ = _walk_down(self._low.cpu(), self._need)
+        self.threshold = bits_to_float((self._bucket << 16) | low)
+        self._low = None
+
+
+def kth_largest_abs(tensors: Iterable[Tensor], keep: int) -> float | None:
+    """The ``keep``-th largest ``|x|`` over ``tensors`` (None when ``keep <= 0``), exactly.
+
+    Args:
+        tensors: The tensors (re-iterable: it is read twice).
+        keep: How many entries to keep.
+
+    Example:
+        >>> kth_largest_abs([torch.tensor([1.0, -4.0]), torch.tensor([2.0])], 2)
+        2.0
+    """
+    tensors = list(tensors)
+    sel = RadixSelect()
+    for x in tensors:
+        sel.add_high(x)
+    sel.finish_high(keep)
+    for x in tensors:
+        sel.add_low(x)
+    sel.finish_low()
+    return sel.threshold
+
+
+def kth_largest_abs_local(x: Tensor, keep: int) -> float | None:
+    """The ``keep``-th largest ``|x|`` of one tensor held in memory (``kthvalue``, O(n)).
+
+    Same value as :func:`kth_largest_abs` on ``[x]``, without the histogram overhead that
+    dominates for small tensors.
+
+    Example:
+        >>> kth_largest_abs_local(torch.tensor([1.0, -4.0, 2.0]), 2)
+        2.0
+    """
+    keep = min(keep, x.numel())
+    if keep <= 0:
+        return None
+    flat = x.detach().to(torch.float32).abs().reshape(-1)
+    return float(torch.kthvalue(flat, flat.numel() - keep + 1).values)
+
+
+def magnitude_trim(x: Tensor, threshold: float | None) -> Tensor:
+    """Zero the entries with ``|x| < threshold`` (in float32); ``None`` zeroes everything.
+
+    Entries tied with the threshold are kept, as in the seed code's ``>=``.
+    """
+    x = x.to(torch.float32)
+    if threshold is None:
+        return torch.zeros_like(x)
+    return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))

@@ -1,0 +1,117 @@
+"""Spectral truncation and rescale (STAR's per-matrix step), dense or in factor space.
+
+All functions are batched over a leading task axis: ``torch.linalg.qr``/``svd`` run once per
+group of same-shape inputs, which is what makes the GPU (and the CPU's LAPACK) fast here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def numerical_rtol(shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    """Relative cut-off below which singular values are noise: ``max(m, n) * eps``.
+
+    ``eps`` is float32's, or float64's for float64 data: the noise floor is set by the precision
+    the delta was stored or formed in (a float32 ``B @ A`` is full rank at 1e-7), not by the
+    precision of the SVD. Half-precision data uses float32's eps (its own would cut everything).
+    """
+    data = torch.float64 if dtype == torch.float64 else torch.float32
+    return max(shape[-2:]) * torch.finfo(data).eps
+
+
+def eta_ranks(s: Tensor, eta: float, rtol: float) -> Tensor:
+    """Fewest leading components carrying ``eta`` % of the nuclear norm, per batch row.
+
+    Singular values at or below ``rtol * s_max`` count as 0 (they are rounding noise), so ``k``
+    never exceeds the numerical rank, ``eta = 100`` keeps exactly the numerical rank, and a zero
+    matrix gets ``k = 0``.
+
+    Args:
+        s: ``(batch, p)`` singular values, descending.
+        eta: Percentage of the nuclear norm to keep, in (0, 100].
+        rtol: Relative noise cut-off (see :func:`numerical_rtol`).
+
+    Returns:
+        ``(batch,)`` int64 kept ranks.
+
+    Example:
+        >>> eta_ranks(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 50.0, 1e-6)
+        tensor([2])
+    """
+    signal = s > rtol * s[..., :1]  # (batch, p); all False for a zero matrix
+    s = torch.where(signal, s, torch.zeros_like(s))
+    target = s.sum(dim=-1, keepdim=True) * eta / 100  # same order of operations as the seed code
+    k = (s.cumsum(dim=-1) < target).sum(dim=-1) + 1  # searchsorted(left) + 1
+    return torch.minimum(k, signal.sum(dim=-1))
+
+
+def rescaled(s: Tensor, k: Tensor, rtol: float) -> Tensor:
+    """Keep the first ``k`` values of each row, scaled so the row keeps its nuclear norm.
+
+    Args:
+        s: ``(batch, p)`` singular values, descending.
+        k: ``(batch,)`` kept ranks from :func:`eta_ranks`.
+        rtol: The cut-off used for ``k`` (noise values do not count in the norm).
+
+    Returns:
+        ``(batch, p)``: ``s_i * sum(s) / sum(s[:k])`` for ``i < k``, else 0 (all 0 when k = 0).
+    """
+    s = torch.where(s > rtol * s[..., :1], s, torch.zeros_like(s))
+    kept = torch.arange(s.shape[-1], device=s.device) < k[:, None]  # (batch, p)
+    s_kept = torch.where(kept, s, torch.zeros_like(s))
+    norm_kept = s_kept.sum(dim=-1, keepdim=True)
+    factor = s.sum(dim=-1, keepdim=True) / torch.where(norm_kept > 0, norm_kept, 1.0)
+    return s_kept * factor
+
+
+def star_factored(
+    b: Tensor, a: Tensor, scales: Tensor, eta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """STAR on ``scale_t * b_t @ a_t`` exactly, without forming the matrices.
+
+    QR of ``b`` and ``a^T`` gives ``delta = Q_B (scale R_B R_A^T) Q_A^T``; the SVD of the small
+    core ``C = U_c diag(s) V_c^T`` is then the exact thin SVD of delta (the other singular values
+    are exactly 0). Computed in float64: the factors are small, O((m + n) r^2) work.
+
+    Args:
+        b: ``(T, m, r)`` left factors.
+        a: ``(T, r, n)`` right factors.
+        scales: ``(T,)`` LoRA scales.
+        eta: Percentage of the nuclear norm to keep.
+
+    Returns:
+        ``(b_hat (T, m, c), a_hat (T, c, n), k (T,))`` with ``b_hat_t[:, :k_t] @ a_hat_t[:k_t]``
+        the truncated, rescaled delta (columns beyond ``k_t`` are zero in ``b_hat``).
+    """
+    rtol = numerical_rtol((b.shape[1], a.shape[2]), b.dtype)
+    b, a = b.to(torch.float64), a.to(torch.float64)
+    q_b, r_b = torch.linalg.qr(b)  # (T, m, p), (T, p, r)
+    q_a, r_a = torch.linalg.qr(a.mT)  # (T, n, q), (T, q, r)
+    core = scales.to(b)[:, None, None] * (r_b @ r_a.mT)  # (T, p, q)
+    u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)  # (T, p, c), (T, c), (T, c, q)
+    k = eta_ranks(s, eta, rtol)
+    s_new = rescaled(s, k, rtol)  # (T, c)
+    b_hat = q_b @ (u_c * s_new[:, None, :])  # (T, m, c)
+    a_hat = vh_c @ q_a.mT  # (T, c, n) = (Q_A V_c)^T
+    return b_hat, a_hat, k
+
+
+def star_dense(
+    x: Tensor, eta: float, data_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """STAR on dense matrices ``x`` ``(T, m, n)`` by a batched thin SVD in ``x``'s dtype.
+
+    Args:
+        x: ``(T, m, n)`` task matrices, already in the compute dtype.
+        eta: Percentage of the nuclear norm to keep.
+        data_dtype: The dtype the deltas came in (sets the noise cut-off); default ``x``'s.
+
+    Returns:
+        ``(b_hat (T, m, c), a_hat (T, c, n), k (T,))`` as :func:`star_factored`.
+    """
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (T, m, c), (T, c), (T, c, n)
+    rtol = numerical_rtol(tuple(x.shape), data_dtype or x.dtype)
+    k = eta_ranks(s, eta, rtol)
+    return u * rescaled(s, k, rtol)[:, None, :], vh, k

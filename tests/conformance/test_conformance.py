@@ -1,0 +1,164 @@
+"""Shared checks run on every registered method (sklearn-style conformance).
+
+A tiny in-test driver does what the pipeline does: resolve parameters, stream every parameter
+through the method's fitter (pass after pass while ``end_pass()`` asks for one), then call the
+method per parameter with ``state=state.at(key)``, densifying what the method does not accept.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from starmerge.methods import METHODS
+from starmerge.tensors.delta import Dense, LowRank, densify, zeros_like_delta
+
+SHAPES = {"q": (8, 4), "v": (4, 6), "bias": (6,)}
+
+
+def prepare(method, deltas):
+    """Densify what the method does not accept (``None`` stays for the fitter)."""
+    if "lowrank" in method.accepts:
+        return list(deltas)
+    return [None if d is None else densify(d, d.dtype) for d in deltas]
+
+
+def drive(name, model, **params):
+    method = METHODS.get(name)
+    resolved = method.resolve(params)
+    n_tasks = len(next(iter(model.values())))
+    state = None
+    if method.fit is not None:
+        fitter = method.fit(n_tasks, **resolved)
+        for _ in range(10):
+            for key, deltas in model.items():
+                fitter.observe(key, prepare(method, deltas))
+            if not fitter.end_pass():
+                break
+        state = fitter.state()
+        json.dumps(state.summary())
+    out = {}
+    for key, deltas in model.items():
+        first = next(d for d in deltas if d is not None)
+        lowrank = isinstance(first, LowRank)
+        filled = [
+            zeros_like_delta(first.shape, lowrank, first.dtype) if d is None else d for d in deltas
+        ]
+        extra = {} if state is None else {"state": state.at(key)}
+        out[key] = method.fn(prepare(method, filled), **extra, **resolved)
+        json.dumps(dict(out[key].stats))
+    return out
+
+
+def make_model(seed, lowrank, dtype=torch.float32, n_tasks=3, zero=False):
+    g = torch.Generator().manual_seed(seed)
+    model = {}
+    for key, shape in SHAPES.items():
+        deltas = []
+        for t in range(n_tasks):
+            if lowrank and len(shape) == 2:
+                r = 2 + t % 2
+                b = torch.zeros(shape[0], r) if zero else torch.randn(shape[0], r, generator=g)
+                a = torch.randn(r, shape[1], generator=g)
+                deltas.append(LowRank(b.to(dtype), a.to(dtype), 0.5))
+            else:
+                x = torch.zeros(shape) if zero else torch.randn(shape, generator=g)
+                deltas.append(Dense(x.to(dtype)))
+        model[key] = deltas
+    return model
+
+
+def dense(delta):
+    return delta.to_dense(torch.float32) if isinstance(delta, LowRank) else delta.tensor.float()
+
+
+@pytest.fixture(params=METHODS.names())
+def name(request):
+    return request.param
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_zero_in_zero_out(name, lowrank):
+    out = drive(name, make_model(0, lowrank, zero=True))
+    for key, merged in out.items():
+        assert torch.equal(dense(merged.delta), torch.zeros(SHAPES[key])), key
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtype_and_shape_kept_and_finite(name, lowrank, dtype):
+    out = drive(name, make_model(1, lowrank, dtype))
+    for key, merged in out.items():
+        assert merged.delta.dtype == dtype, key
+        assert merged.delta.shape == SHAPES[key], key
+        assert torch.isfinite(dense(merged.delta)).all(), key
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_task_order_is_irrelevant(name, lowrank):
+    model = make_model(2, lowrank)
+    fwd = drive(name, model)
+    rev = drive(name, {k: v[::-1] for k, v in model.items()})
+    for key in model:
+        torch.testing.assert_close(
+            dense(fwd[key].delta), dense(rev[key].delta), rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_inputs_are_not_modified(name, lowrank):
+    model = make_model(3, lowrank)
+    before = copy.deepcopy(model)
+    drive(name, model)
+    for key in model:
+        for got, want in zip(model[key], before[key], strict=True):
+            for attr in ("tensor", "b", "a"):
+                if hasattr(want, attr):
+                    assert torch.equal(getattr(got, attr), getattr(want, attr))
+
+
+def test_missing_task_parameter_is_handled(name):
+    model = make_model(4, True)
+    model["v"][1] = None
+    model["bias"][0] = None
+    out = drive(name, model)
+    for key, merged in out.items():
+        assert torch.isfinite(dense(merged.delta)).all(), key
+
+
+def test_defaults_resolve_and_are_documented(name):
+    method = METHODS.get(name)
+    resolved = method.resolve({})
+    assert set(resolved) == set(method.params)
+    assert method.summary and method.paper.startswith("https://")
+    assert method.accepts <= {"dense", "lowrank"}
+    module = __import__(method.fn.__module__, fromlist=["_"])
+    assert method.paper in module.__doc__
+
+
+def test_lowrank_output_methods_return_lowrank(name):
+    method = METHODS.get(name)
+    if not method.lowrank_output:
+        pytest.skip(f"{name} has no exact low-rank output")
+    out = drive(name, make_model(5, True))
+    assert isinstance(out["q"].delta, LowRank) and isinstance(out["v"].delta, LowRank)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_cuda_inputs_give_cuda_outputs_equal_to_cpu(name, lowrank):
+    model = make_model(6, lowrank)
+    on_gpu = {k: [_to(d, "cuda") for d in ds] for k, ds in model.items()}
+    cpu, gpu = drive(name, model), drive(name, on_gpu)
+    for key in model:
+        got = dense(gpu[key].delta)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), dense(cpu[key].delta), rtol=1e-4, atol=1e-5)
+
+
+def _to(delta, device):
+    if isinstance(delta, LowRank):
+        return LowRank(delta.b.to(device), delta.a.to(device), delta.scale)
+    return Dense(delta.tensor.to(device))

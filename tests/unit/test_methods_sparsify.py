@@ -1,0 +1,100 @@
+"""Exact streaming top-k thresholds (radix select) against torch.topk on concatenated data."""
+
+import pytest
+import torch
+
+from starmerge.tensors.sparsify import (
+    RadixSelect,
+    keep_count,
+    kth_largest_abs,
+    kth_largest_abs_local,
+    magnitude_trim,
+)
+
+
+def topk_threshold(tensors, keep):
+    flat = torch.cat([t.reshape(-1).float().abs() for t in tensors])
+    return float(torch.topk(flat, keep).values[-1])
+
+
+def chunks(seed, sizes, scale=1.0, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for size in sizes:
+        x = torch.randn(size, generator=g) * scale
+        out.append(torch.round(x * 3) if integer else x)
+    return out
+
+
+@pytest.mark.parametrize("integer", [False, True])  # True: many exact ties
+@pytest.mark.parametrize("keep", [1, 2, 17, 100, 139, 140])
+def test_kth_largest_matches_topk(integer, keep):
+    tensors = chunks(0, [(8, 4), (5,), (10, 10), (3, 1)], integer=integer)  # 140 entries
+    assert kth_largest_abs(tensors, keep) == topk_threshold(tensors, keep)
+
+
+def test_mixed_magnitudes_and_signed_zero():
+    tensors = [
+        torch.tensor([1e-30, -1e-30, 0.0, -0.0, 1e30, -3.5, 3.5, 1e-38]),
+        torch.tensor([[7.0, -7.0], [2.0, 65504.0]]),
+    ]
+    for keep in range(1, 13):
+        assert kth_largest_abs(tensors, keep) == topk_threshold(tensors, keep)
+
+
+def test_same_high_bits_resolved_by_low_pass():
+    # values differing only in the low mantissa bits fall in one high-16-bit bucket
+    base = torch.tensor(1.0).view(torch.int32)
+    x = (base + torch.arange(0, 2000, 7, dtype=torch.int32)).view(torch.float32)
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(1))]
+    for keep in (1, 5, 100, x.numel()):
+        assert kth_largest_abs([x], keep) == topk_threshold([x], keep)
+
+
+def test_keep_zero_gives_none_and_trims_everything():
+    x = torch.randn(4, 3)
+    assert kth_largest_abs([x], 0) is None
+    assert torch.equal(magnitude_trim(x, None), torch.zeros(4, 3))
+
+
+def test_keep_all_keeps_every_entry():
+    x = torch.randn(6, 5)
+    thr = kth_largest_abs([x], x.numel())
+    assert thr == float(x.abs().min())
+    assert torch.equal(magnitude_trim(x, thr), x)
+
+
+def test_ties_at_threshold_are_kept():
+    x = torch.tensor([5.0, -5.0, 5.0, 3.0, 1.0])
+    thr = kth_largest_abs([x], 2)
+    assert thr == 5.0
+    assert torch.equal(magnitude_trim(x, thr), torch.tensor([5.0, -5.0, 5.0, 0.0, 0.0]))
+
+
+def test_streaming_passes_can_interleave_chunks():
+    tensors = chunks(3, [(50,), (7, 7), (1,)])
+    sel = RadixSelect()
+    for t in tensors:
+        sel.add_high(t)
+    sel.finish_high(30)
+    assert sel.needs_low_pass and sel.n == 100
+    for t in reversed(tensors):  # the second pass may see the chunks in any order
+        sel.add_low(t)
+    sel.finish_low()
+    assert sel.threshold == topk_threshold(tensors, 30)
+
+
+@pytest.mark.parametrize(
+    ("density", "n", "want"),
+    [(0.57, 100, 57), (0.2, 10, 2), (0.1, 9, 0), (1.0, 7, 7), (0.3, 10, 3)],
+)
+def test_keep_count_is_decimal_floor(density, n, want):
+    assert keep_count(density, n) == want
+
+
+@pytest.mark.parametrize("keep", [0, 1, 7, 30, 31])
+def test_local_kthvalue_agrees_with_radix_select(keep):
+    x = torch.round(torch.randn(31, generator=torch.Generator().manual_seed(5)) * 2)  # ties
+    assert kth_largest_abs_local(x, keep) == kth_largest_abs([x], keep)
+    if keep:
+        assert kth_largest_abs_local(x, keep) == topk_threshold([x], keep)
