@@ -25,10 +25,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/starmerge demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py

@@ -51,6 +51,10 @@ def run_merge(
     check_output_dir(out_dir, overwrite=overwrite)
     device = resolve_device(device)
     start = time.perf_counter()
+    if plan.method.needs_data:  # statistics / trained masks from task data (cached)
+        from starmerge.stats import prepare
+
+        prepare(plan, device=device, progress=progress)
     state = fit_state(
         plan.method,
         plan.params,

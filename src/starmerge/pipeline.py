@@ -102,4 +102,5 @@ def merge_params(
         if state is not None:
             kwargs["state"] = state.at(key)
         merged = method.fn(deltas, **kwargs)
-        yield key, Merged(_to_device(merged.delta, "cpu"), merged.stats)
+        artifacts = {name: t.cpu() for name, t in merged.artifacts.items()}
+        yield key, Merged(_to_device(merged.delta, "cpu"), merged.stats, artifacts)

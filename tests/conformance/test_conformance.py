@@ -7,9 +7,12 @@ method per parameter with ``state=state.at(key)``, densifying what the method do
 
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from tests.unit.data_fixtures import statistics_from_deltas
 
 from starmerge.methods import METHODS
 from starmerge.tensors.delta import Dense, LowRank, densify, zeros_like_delta
@@ -26,6 +29,8 @@ def prepare(method, deltas):
 
 def drive(name, model, **params):
     method = METHODS.get(name)
+    if method.needs_data and "statistics" not in params:  # stand-in statistics from the deltas
+        params["statistics"] = statistics_from_deltas(Path(tempfile.mkdtemp()), model)
     resolved = method.resolve(params)
     n_tasks = len(next(iter(model.values())))
     state = None

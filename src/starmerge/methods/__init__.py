@@ -10,6 +10,9 @@ from starmerge.methods import (  # noqa: E402,F401  isort: skip
     tall_masks,
     metagpt,
     star,
+    mats,
+    fisher_regmean,
+    localize_stitch,
 )
 
 __all__ = ["METHODS", "Merged", "Method", "Param", "register_method"]

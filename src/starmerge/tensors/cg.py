@@ -6,8 +6,10 @@ one side, a sum of Kronecker products); inner products are over all entries.
 
 Stopping: after ``iterations`` steps, or once ``||b - A x||_F <= tolerance * ||b||_F`` (a relative
 tolerance on the *delta-space* right-hand side, so it does not depend on the size of the
-pretrained weights; ``tolerance = 0`` always runs every iteration), or when a search direction has
-no curvature (``p^T A p <= 0``: the residual left lies in the null space, numerically).
+pretrained weights), or once the residual reaches rounding level (16 machine epsilons of ``b``'s
+dtype times ``||b||``: ``tolerance = 0`` runs until then), or when a search direction has no
+curvature (``p^T A p <= 0``). Iterating past rounding level would only add noise, including in
+the null space.
 
 CG never changes the component of ``x0`` in the null space of ``A`` when ``b`` is in its range:
 every residual and search direction lies in the range of ``A``.
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+_ROUNDING = 16  # the residual floor, in units of the dtype's machine epsilon
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ def conjugate_gradient(
         b: The right-hand side.
         x0: The initial guess (not modified).
         iterations: The maximum number of CG steps.
-        tolerance: Stop once ``||r|| <= tolerance * ||b||`` (Frobenius norms); 0: never early.
+        tolerance: Stop once ``||r|| <= tolerance * ||b||`` (Frobenius norms); 0: only at
+            rounding level.
 
     Returns:
         The iterate, the steps taken and ``||b - A x|| / ||b||`` (0 when ``b`` is 0).
@@ -62,7 +67,8 @@ def conjugate_gradient(
     p = r.clone()
     rs = torch.sum(r * r)
     b_norm = float(torch.linalg.vector_norm(b))
-    stop = tolerance * b_norm
+    # never iterate below rounding level: past it, directions pick up null-space noise
+    stop = max(tolerance, _ROUNDING * torch.finfo(b.dtype).eps) * b_norm
     steps = 0
     while steps < iterations and float(rs.sqrt()) > stop:
         ap = apply(p)

@@ -1,0 +1,188 @@
+"""The fit step's data part: collect (or reuse) each task's statistics before the merge.
+
+``prepare(plan)`` is called by the engine for methods with ``needs_data``. For each task model it
+draws ``data.n_examples`` examples from the task's file, runs the base model with that task's
+adapter (or the fine-tuned model) and collects the statistics the method asks for (or trains
+Localize-and-Stitch masks), caching them by a hash of the model files, the examples and the
+settings; then it sets ``plan.params["statistics"]`` to the per-task cache entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from starmerge.errors import ConfigError
+from starmerge.stats.cache import FORMAT, StatsWriter, cache_key, default_cache_dir, entry_path
+from starmerge.stats.requests import DataRequest, data_request
+
+NORMALISATION = (
+    "example loss = mean cross-entropy over its answer tokens; fisher = mean over examples of the "
+    "squared per-example gradient; gram_in/gram_out = sum over non-pad tokens / their count"
+)
+
+
+def prepare(plan: Any, *, device: str = "cpu", progress: bool = False) -> list[Path] | None:
+    """Fill ``plan.params["statistics"]`` from the config's ``data:`` section (cached).
+
+    Args:
+        plan: The merge plan (``starmerge.plan.Plan``).
+        device: Where the models run.
+        progress: Show progress bars.
+
+    Returns:
+        The per-task statistics entries, or None when nothing was needed or they were given.
+
+    Raises:
+        ConfigError: The method needs data but the config has no ``data:`` section.
+        StarmergeError: A task file, its data or the tokenizer is missing.
+    """
+    request = data_request(plan.method.name, plan.params)
+    if request is None or plan.params.get("statistics") is not None:
+        return None
+    data = plan.config.data
+    if data is None or plan.base_path is None:
+        raise ConfigError([f"{plan.method.name} needs a `data:` section and base_model"])
+    from starmerge.io.hashing import hash_files
+    from starmerge.io.writer import parse_size
+    from starmerge.stats import hf
+
+    kind = hf.model_kind(plan.base_path)
+    tokenizer = hf.load_tokenizer(plan.base_path)
+    cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    base_hash = hash_files(plan.base.files)
+    budget = parse_size(data.memory_budget)
+    base_model: nn.Module | None = None
+    paths = []
+    for i, task in enumerate(plan.tasks):
+        spec, examples = _examples(data, i)
+        batches = hf.build_batches(tokenizer, kind, spec, examples, data.batch_size,
+                                   data.max_length, data.seed)  # fmt: skip
+        fields = _fields(plan, task, request, data, kind, base_hash, batches)
+        key = cache_key(fields)
+        found = entry_path(cache_dir, key)
+        if found is not None:
+            paths.append(found)
+            continue
+        meta = {**fields, "task": data.tasks[i], "model": task.spec.source,
+                "n_examples": len(examples), "normalisation": NORMALISATION}  # fmt: skip
+        if task.spec.kind == "model" and not request.masks:
+            model = hf.load_model(task.path, kind, device)
+        else:
+            base_model = base_model or hf.load_model(plan.base_path, kind, device)
+            model = base_model
+        with StatsWriter(cache_dir, key, meta) as writer:
+            if request.kinds:
+                _collect(plan, task, model, batches, request, kind, budget, writer, progress)
+            if request.masks:
+                _train(plan, task, model, batches, request, kind, writer)
+        paths.append(writer.final)
+        del model  # a fine-tuned model is freed before the next one loads
+    plan.params["statistics"] = [str(p) for p in paths]
+    return paths
+
+
+def _examples(data: Any, i: int) -> tuple[Any, list[Any]]:
+    """Task ``i``'s spec and its seeded sample of ``n_examples`` examples."""
+    from starmerge.eval.tasks import load_task
+
+    spec = load_task(data.tasks[i])
+    sampling = dataclasses.replace(spec.sampling, n=data.n_examples, seed=data.seed)
+    spec = dataclasses.replace(spec, sampling=sampling)
+    return spec, spec.examples()
+
+
+def _fields(
+    plan: Any, task: Any, request: DataRequest, data: Any, kind: str, base: dict, batches: list
+) -> dict[str, Any]:
+    """Everything the statistics depend on (hashed into the cache key)."""
+    from starmerge.io.hashing import hash_files
+
+    digest = hashlib.sha256()
+    for b in batches:
+        for name in ("input_ids", "attention_mask", "labels"):
+            digest.update(json.dumps(b[name].tolist()).encode())
+    return {
+        "format": FORMAT, "base": sorted(base.values()),
+        "task_model": sorted(hash_files(task.source.files).values()),
+        "task_kind": task.spec.kind, "examples": digest.hexdigest(), "model_kind": kind,
+        "kinds": sorted(request.kinds), "fisher": request.fisher,
+        "masks": dict(request.masks) if request.masks else None,
+        "parameters": hashlib.sha256("\n".join(plan.shapes).encode()).hexdigest(),
+        "batch_size": data.batch_size, "max_length": data.max_length,
+    }  # fmt: skip
+
+
+def _modules(plan: Any, model: nn.Module) -> list[str]:
+    """The Linear modules whose weights are merged, in the plan's (layer) order."""
+    names = []
+    for key in plan.shapes:
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and isinstance(_get(model, name), nn.Linear):
+            names.append(name)
+    return names
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _collect(
+    plan: Any, task: Any, model: nn.Module, batches: list, request: DataRequest, kind: str,
+    budget: int, writer: StatsWriter, progress: bool,
+) -> None:  # fmt: skip
+    """Collect the statistics of one task model into ``writer``.
+
+    The output embedding (``lm_head``) gets no output-gradient Gram (vocabulary^2), as in MaTS.
+    """
+    from starmerge.stats import hf
+    from starmerge.stats.collect import collect_statistics
+
+    modules = _modules(plan, model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [n for n in modules if head is not None and _get(model, n) is head]
+    groups = [([n for n in modules if n not in heads], set(request.kinds))]
+    if heads:
+        groups.append((heads, set(request.kinds) - {"gram_out"} or {"gram_in"}))
+    deltas = {}
+    if task.spec.kind == "adapter":
+        adapted = [k for k in task.shapes if k.removesuffix(".weight") in modules]
+        deltas = {k: task.source.get(k) for k in adapted}
+    loss_fn, mask_fn = hf.make_loss_fn(kind, request.fisher), hf.make_mask_fn(kind)
+    with hf.lowrank_deltas(model, deltas):
+        for names, kinds in groups:
+            if names:
+                collect_statistics(
+                    model, batches, loss_fn, names, kinds, mask_fn=mask_fn,
+                    memory_budget=budget, sink=writer, progress=progress,
+                )  # fmt: skip
+
+
+def _train(
+    plan: Any, task: Any, model: nn.Module, batches: list, request: DataRequest, kind: str,
+    writer: StatsWriter,
+) -> None:  # fmt: skip
+    """Train one task's Localize-and-Stitch masks on the base model and write them."""
+    from starmerge.methods.localize_stitch import in_parameter_set
+    from starmerge.stats import hf
+    from starmerge.stats.masks import train_masks
+
+    settings = dict(request.masks or {})
+    pset = settings.pop("parameter_set", "blocks")
+    taus = {}
+    for key, shape in plan.shapes.items():
+        if in_parameter_set(key, pset):
+            delta = task.source.get(key) if key in task.shapes else None
+            taus[key] = torch.zeros(shape) if delta is None else delta.to_dense(torch.float32)
+    result = train_masks(model, taus, batches, hf.make_loss_fn(kind), **settings)
+    writer({f"{k}::mask": m for k, m in result.masks.items()})
+    writer.meta["mask_losses"] = result.losses
