@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,30 @@ def run_merge(
         OutputError: ``out_dir`` is not empty without ``overwrite``, or writing failed
             (``out_dir`` is then left exactly as it was).
     """
-    from starmerge.io.writer import atomic_output_dir, check_output_dir
-    from starmerge.manifest import build_manifest, write_manifest
+    from starmerge.io.writer import check_output_dir
+    from starmerge.manifest import input_hashes
 
     check_output_dir(out_dir, overwrite=overwrite)
     device = resolve_device(device)
     start = time.perf_counter()
+    # Hash the inputs for the manifest in a thread while the merge runs (hashlib frees the GIL).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashes = pool.submit(input_hashes, plan)
+        return _run(plan, out_dir, overwrite, device, progress, start, hashes)
+
+
+def _run(
+    plan: Plan,
+    out_dir: Path,
+    overwrite: bool,
+    device: str,
+    progress: bool,
+    start: float,
+    hashes: Future,
+) -> dict[str, Any]:
+    from starmerge.io.writer import atomic_output_dir
+    from starmerge.manifest import build_manifest, write_manifest
+
     if plan.method.needs_data:  # statistics / trained masks from task data (cached)
         from starmerge.stats import prepare
 
@@ -69,7 +88,8 @@ def run_merge(
             stats = _write_model(plan, state, tmp, device, progress)
         else:
             stats = _write_adapter(plan, state, tmp, device, progress)
-        manifest = build_manifest(plan, state, stats, time.perf_counter() - start, _peak_rss())
+        elapsed = time.perf_counter() - start
+        manifest = build_manifest(plan, state, stats, elapsed, _peak_rss(), hashes.result())
         write_manifest(tmp, manifest)
         if plan.config.output.format == "model":
             from starmerge.manifest import write_model_card

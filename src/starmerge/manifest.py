@@ -24,27 +24,37 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def build_manifest(plan: Plan, state: Any, stats: dict, wall_s: float, peak: int) -> dict:
-    """Resolved config, inputs with hashes, method statistics, versions, time and memory."""
+def input_hashes(plan: Plan) -> dict[str, dict[str, str]]:
+    """sha256 of every input's weight files: ``{"base": {...}, "0": {...}, "1": ...}``."""
     from starmerge.io.hashing import hash_files
 
+    out = {str(i): hash_files(t.source.files) for i, t in enumerate(plan.tasks)}
+    if plan.base is not None:
+        out["base"] = hash_files(plan.base.files)
+    return out
+
+
+def build_manifest(
+    plan: Plan, state: Any, stats: dict, wall_s: float, peak: int, hashes: dict[str, dict]
+) -> dict:
+    """Resolved config, inputs with hashes, method statistics, versions, time and memory."""
     inputs = [
         {
             "kind": t.spec.kind,
             "source": t.spec.source,
             "path": str(t.path),
             "weight": t.spec.weight,
-            "sha256": hash_files(t.source.files),
+            "sha256": hashes[str(i)],
             "n_parameters_changed": len(t.shapes),
         }
-        for t in plan.tasks
+        for i, t in enumerate(plan.tasks)
     ]
     base = None
     if plan.base is not None:
         base = {
             "source": plan.config.base_model,
             "path": str(plan.base_path),
-            "sha256": hash_files(plan.base.files),
+            "sha256": hashes["base"],
         }
     config = plan.config.to_dict()
     config["parameters"] = {k: v for k, v in plan.params.items()}
