@@ -55,11 +55,15 @@ def _params(alpha: float) -> dict[str, Param]:
     }
 
 
-def consensus_mask(taus: Tensor, target: Tensor, mask_lambda: float, consensus: int) -> Tensor:
+def consensus_mask(
+    taus: Sequence[Tensor], target: Tensor, mask_lambda: float, consensus: int
+) -> Tensor:
     """Entries where at least ``consensus`` TALL masks ``|tau_t| > lambda |target - tau_t|`` hold.
 
+    The masks are counted task by task, so only one task's temporaries exist at a time.
+
     Args:
-        taus: ``(T, ...)`` task deltas in float32.
+        taus: The T task deltas in float32.
         target: ``(...)`` the multi-task vector the masks compare against.
         mask_lambda: The TALL-mask threshold lambda.
         consensus: The minimum number of agreeing tasks k.
@@ -67,13 +71,15 @@ def consensus_mask(taus: Tensor, target: Tensor, mask_lambda: float, consensus: 
     Returns:
         A boolean mask of ``target``'s shape.
     """
-    masks = taus.abs() > mask_lambda * (target - taus).abs()  # (T, ...) per-task TALL masks
-    return masks.sum(dim=0) >= consensus
+    count = torch.zeros(target.shape, dtype=torch.int32, device=target.device)
+    for tau in taus:
+        count += tau.abs() > mask_lambda * (target - tau).abs()  # this task's TALL mask
+    return count >= consensus
 
 
-def _stack_sum(deltas: Sequence[Delta]) -> tuple[Tensor, Tensor]:
-    """The ``(T, ...)`` float32 stack and S = sum_t tau_t, summed in task order as the seed code."""
-    taus = torch.stack([d.to_dense(torch.float32) for d in deltas])
+def _stack_sum(deltas: Sequence[Delta]) -> tuple[list[Tensor], Tensor]:
+    """The float32 task deltas and S = sum_t tau_t, summed in task order as the seed code."""
+    taus = [d.to_dense(torch.float32) for d in deltas]
     total = torch.zeros_like(taus[0])
     for tau in taus:
         total += tau

@@ -128,13 +128,34 @@ def _fit_ties(n_tasks: int, **params: Any) -> TiesFitter:
     return TiesFitter(n_tasks, **params)
 
 
-def disjoint_mean(trimmed: Tensor) -> Tensor:
-    """Elect sign and average the agreeing entries of ``trimmed`` ``(T, ...)``; 0 where none."""
-    gamma = torch.sign(trimmed.sum(dim=0))  # Elect Sign: (...)
-    agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)  # (T, ...)
-    total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count  # Disjoint Merge
+def disjoint_mean(taus: Sequence[Tensor], thresholds: Sequence[float | None]) -> tuple[Tensor, int]:
+    """Trim, elect sign and average the agreeing entries; 0 where none agree.
+
+    Works task by task (each task trimmed twice rather than all T trimmed copies held), so the
+    temporaries beyond the inputs are about three tensors of one parameter's size.
+
+    Args:
+        taus: The T task deltas (float32).
+        thresholds: Per task, the smallest kept ``|entry|`` (None keeps nothing).
+
+    Returns:
+        The merged tensor and the number of entries kept over all tasks.
+    """
+    pairs = list(zip(taus, thresholds, strict=True))
+    total = torch.zeros_like(taus[0])
+    for tau, thr in pairs:
+        total += magnitude_trim(tau, thr)
+    gamma = torch.sign(total)  # Elect Sign
+    total.zero_()
+    count = torch.zeros_like(total)
+    kept = 0
+    for tau, thr in pairs:  # Disjoint Merge: sum and count of the entries agreeing with gamma
+        trimmed = magnitude_trim(tau, thr)
+        kept += int(torch.count_nonzero(trimmed))
+        agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)
+        total += trimmed.mul_(agree)
+        count += agree
+    return total.div_(count.clamp_(min=1)), kept
 
 
 @register_method(
@@ -179,12 +200,11 @@ def ties(
         tensor([ 3., -2.])
     """
     out_dtype = deltas[0].dtype
-    taus = torch.stack([d.to_dense(torch.float32) for d in deltas])  # (T, ...)
+    taus = [d.to_dense(torch.float32) for d in deltas]  # T x (...)
     if trim == "local" or state is None or state.thresholds is None:
         thresholds = [kth_largest_abs_local(t, keep_count(density, t.numel())) for t in taus]
     else:
         thresholds = list(state.thresholds)
-    trimmed = torch.stack([magnitude_trim(t, thr) for t, thr in zip(taus, thresholds, strict=True)])
-    merged = disjoint_mean(trimmed) * scaling
-    stats = {"kept": int((trimmed != 0).sum()), "total": int(trimmed.numel())}
-    return Merged(Dense(merged.to(out_dtype)), stats)
+    merged, kept = disjoint_mean(taus, thresholds)
+    stats = {"kept": kept, "total": len(taus) * taus[0].numel()}
+    return Merged(Dense(merged.mul_(scaling).to(out_dtype)), stats)

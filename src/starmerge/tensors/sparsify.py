@@ -166,4 +166,4 @@ def magnitude_trim(x: Tensor, threshold: float | None) -> Tensor:
     x = x.to(torch.float32)
     if threshold is None:
         return torch.zeros_like(x)
-    return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+    return x * (x.abs() >= threshold)  # a new tensor; the input is never changed
