@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from starmerge.errors import InputError
+from starmerge.memory import PeakMemory
 from starmerge.methods.base import Merged
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import Plan
@@ -53,9 +52,9 @@ def run_merge(
     device = resolve_device(device)
     start = time.perf_counter()
     # Hash the inputs for the manifest in a thread while the merge runs (hashlib frees the GIL).
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool, PeakMemory() as memory:
         hashes = pool.submit(input_hashes, plan)
-        return _run(plan, out_dir, overwrite, device, progress, start, hashes)
+        return _run(plan, out_dir, overwrite, device, progress, start, hashes, memory)
 
 
 def _run(
@@ -66,6 +65,7 @@ def _run(
     progress: bool,
     start: float,
     hashes: Future,
+    memory: PeakMemory,
 ) -> dict[str, Any]:
     from starmerge.io.writer import atomic_output_dir
     from starmerge.manifest import build_manifest, write_manifest
@@ -89,18 +89,13 @@ def _run(
         else:
             stats = _write_adapter(plan, state, tmp, device, progress)
         elapsed = time.perf_counter() - start
-        manifest = build_manifest(plan, state, stats, elapsed, _peak_rss(), hashes.result())
+        manifest = build_manifest(plan, state, stats, elapsed, memory, hashes.result())
         write_manifest(tmp, manifest)
         if plan.config.output.format == "model":
             from starmerge.manifest import write_model_card
 
             write_model_card(tmp, manifest)
     return manifest
-
-
-def _peak_rss() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:

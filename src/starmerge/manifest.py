@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starmerge.memory import max_rss_bytes
 from starmerge.plan import Plan
 
 
@@ -35,7 +36,7 @@ def input_hashes(plan: Plan) -> dict[str, dict[str, str]]:
 
 
 def build_manifest(
-    plan: Plan, state: Any, stats: dict, wall_s: float, peak: int, hashes: dict[str, dict]
+    plan: Plan, state: Any, stats: dict, wall_s: float, memory: Any, hashes: dict[str, dict]
 ) -> dict:
     """Resolved config, inputs with hashes, method statistics, versions, time and memory."""
     inputs = [
@@ -69,7 +70,10 @@ def build_manifest(
         "statistics": {"state": state.summary() if state is not None else {}, **stats},
         "versions": versions(),
         "wall_time_s": round(wall_s, 3),
-        "peak_memory_bytes": peak,
+        # Anonymous memory (tensors, buffers), sampled during the run; the max RSS also counts
+        # the page cache of the memory-mapped checkpoints.
+        "peak_memory_bytes": memory.peak,
+        "max_rss_bytes": max_rss_bytes(),
         "predicted_peak_bytes": plan.predicted_peak_bytes,
     }
 
