@@ -1,0 +1,299 @@
+"""The embedded merging benchmark, ``starmerge demo`` (run by ``make demo``); see docs/demo.md.
+
+Real data, a real model, no network: one LoRA adapter per task, trained jointly with its linear
+head on all-MiniLM-L6-v2 and cached (:mod:`starmerge.eval.demo_train`), is merged by every
+method in the registry; each merged backbone is scored with every task's own head. The base
+backbone with the same heads is the lower bound, each adapter on its own task the upper bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from starmerge.errors import StarmergeError
+from starmerge.eval.assets import MODEL_PACKAGE, TaskData, default_tasks, load_task
+from starmerge.eval.demo_train import (
+    Recipe,
+    TaskAdapter,
+    applied,
+    cpu_threads,
+    default_cache_dir,
+    get_adapter,
+    load_backbone,
+    split_task,
+)
+from starmerge.tensors.delta import Delta
+
+__all__ = ["DEFAULTS", "FAST", "default_cache_dir", "run_demo"]
+
+SUITE = "demo-minilm"
+MODEL = f"sentence-transformers/all-MiniLM-L6-v2 (PyPI {MODEL_PACKAGE[1]})"
+# Every linear layer of the encoder: "output.dense" is the attention output and the FFN out
+# (PEFT matches name suffixes); a bare "dense" would also adapt the unused pooler.
+ALL_LINEAR = ("query", "key", "value", "output.dense", "intermediate.dense")
+#: What ``make demo`` runs; ``tasks=None``: the PyPI tasks plus the Debian ones present.
+DEFAULTS = MappingProxyType(dict(
+    tasks=None, steps=150, batch_size=16, n_train=1200, n_test=300, rank=8, alpha=16,
+    targets=ALL_LINEAR, lr=2e-3, max_length=64))  # fmt: skip
+#: 3 tasks, few steps: the integration test (< 60 s on 2 cores, training included).
+FAST = MappingProxyType(dict(
+    tasks=["news", "langid", "chat_topic"], steps=30, batch_size=16, n_train=480, n_test=80,
+    rank=8, alpha=16, targets=ALL_LINEAR, lr=3e-3, max_length=24))  # fmt: skip
+#: Rows beside every method at its defaults: task arithmetic at a commonly tuned scaling.
+EXTRA_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (("task_arithmetic", {"scaling": 0.3}),)
+ETAS = tuple(range(10, 101, 10))
+CURVE_METHODS = ("simple_average", "task_arithmetic", "ties", "star")
+CURVE_SUBSETS = 3  # random task subsets per number of tasks
+EVAL_VERSION = 1  # bump when evaluation changes: cached predictions are keyed by it
+
+
+def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_train: int,
+             n_test: int, full: bool, out_dir: Path, cache_dir: Path | None, seed: int = 0,
+             methods: list[str] | None = None, progress: bool = True, rank: int = 8,
+             alpha: int = 16, targets: Sequence[str] = ALL_LINEAR, lr: float = 2e-3,
+             max_length: int = 64, model: str = "minilm") -> dict[str, Any]:  # fmt: skip
+    """Train (or load) the task adapters, merge with every method, evaluate and report.
+
+    Args:
+        tasks: Task names (``None``: every PyPI task plus the Debian ones present).
+        steps: Training steps per task (the recipe: also ``batch_size``, ``rank``, ``alpha``,
+            ``targets``, ``lr`` and ``max_length``, which also truncates evaluation).
+        batch_size: Training batch size.
+        n_train: Training items per task.
+        n_test: Test items per task.
+        full: Also run the STAR eta sweep and the number-of-tasks curve.
+        out_dir: Where the results JSON, table, plots and report go.
+        cache_dir: Adapter cache (``None``: :func:`default_cache_dir`).
+        seed: Seeds the data split, the training and the bootstrap.
+        methods: Registry names to run (``None``: every method that needs no task data).
+        progress: Show progress bars, then print the table and the written files.
+        rank: LoRA rank.
+        alpha: LoRA alpha.
+        targets: Module names LoRA adapts.
+        lr: Learning rate.
+        max_length: Token limit.
+        model: The backbone (only ``minilm`` for now).
+
+    Returns:
+        The results dict as written to JSON, plus ``skipped``, ``failed``, ``timing``,
+        ``files`` and with ``full`` ``eta_sweep`` and ``curve``.
+
+    Example:
+        >>> data = run_demo(**FAST, full=False, out_dir=Path("results/demo"), cache_dir=None)
+        >>> [row["name"] for row in data["rows"]][:2]
+        ['base', 'individual']
+    """
+    recipe = Recipe(model=model, rank=rank, alpha=alpha, targets=tuple(targets), lr=lr,
+                    steps=steps, batch_size=batch_size, max_length=max_length,
+                    n_train=n_train)  # fmt: skip
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    with cpu_threads() as threads:
+        start = time.perf_counter()
+        names = list(tasks) if tasks else default_tasks()
+        splits = {t: split_task(load_task(t), n_train, n_test, seed) for t in names}
+        adapters = {t: get_adapter(cache, splits[t][0], recipe, seed, progress) for t in names}
+        trained = time.perf_counter()
+        demo = _Demo(recipe, adapters, {t: splits[t][1] for t in names}, cache, seed, progress)
+        results = demo.evaluate(methods, full, {t: len(s[0]) for t, s in splits.items()})
+        data = results.to_json()
+        data.update(skipped=demo.skipped, failed=demo.failed)
+        if full:
+            data.update(demo.sweeps(data))
+        now = time.perf_counter()
+        data["timing"] = {"train_s": round(trained - start, 2),
+                          "eval_s": round(now - trained, 2), "total_s": round(now - start, 2),
+                          "threads": threads,
+                          "trained": [t for t in names if adapters[t].meta["fresh"]]}  # fmt: skip
+    data["files"] = _write(data, Path(out_dir), results.run_id(), progress)
+    return data
+
+
+class _Demo:
+    """The loaded encoder, heads, test sets and adapters; evaluates rows and sweeps."""
+
+    def __init__(self, recipe: Recipe, adapters: Mapping[str, TaskAdapter],
+                 tests: Mapping[str, TaskData], cache: Path, seed: int,
+                 progress: bool):  # fmt: skip
+        from starmerge.eval.backends import ClassifierHeadBackend
+
+        self.recipe, self.adapters, self.seed, self.progress = recipe, adapters, seed, progress
+        self.skipped: list[str] = []
+        self.failed: dict[str, str] = {}
+        tokenizer, self.encoder = load_backbone(recipe.model)
+        heads = {}
+        for task, adapter in adapters.items():
+            head = torch.nn.Linear(adapter.head_weight.shape[1], adapter.head_weight.shape[0])
+            head.load_state_dict({"weight": adapter.head_weight, "bias": adapter.head_bias})
+            heads[task] = head.eval()
+        self.backend = ClassifierHeadBackend(self.encoder, heads, tokenizer, batch_size=128,
+                                             max_length=recipe.max_length)  # fmt: skip
+        # Sorted by length so that batches pad little; this order is the test set's order.
+        self.tests, self.test_keys, how = {}, {}, sorted(asdict(recipe).items())
+        for task, test in tests.items():
+            lengths = [len(ids) for ids in tokenizer(list(test.texts))["input_ids"]]
+            test = self.tests[task] = test.subset(sorted(range(len(test)), key=lengths.__getitem__))
+            self.test_keys[task] = _digest([EVAL_VERSION, how, adapters[task].path.name, test])
+        self.eval_dir = cache / "demo" / recipe.model / "evals"
+
+    def score(self, deltas: Mapping[str, Delta], tasks: Sequence[str]) -> dict[str, Any]:
+        """Accuracy, per-example 0/1 and predictions of base + ``deltas`` on ``tasks``."""
+        out = {}
+        for task, preds in self.predict(deltas, tasks).items():
+            test = self.tests[task]
+            pairs = list(zip(preds, test.labels, strict=True))
+            correct = [int(p == g) for p, g in pairs]
+            names = test.label_names
+            out[task] = {"score": sum(correct) / len(correct), "correct": correct,
+                         "predictions": [{"index": i, "pred": names[p], "gold": names[g]}
+                                         for i, (p, g) in enumerate(pairs)]}  # fmt: skip
+        return out
+
+    def predict(self, deltas: Mapping[str, Delta], tasks: Sequence[str]) -> dict[str, list[int]]:
+        """Predicted label indices per task; cached under a hash of the patched weights."""
+        # Dense -> (tensor,), LowRank -> (b, a, scale): the patched weights, exactly.
+        digest = _digest(x for key in sorted(deltas) for x in (key, *vars(deltas[key]).values()))
+        paths = {t: self.eval_dir / f"{t}-{self.test_keys[t]}-{digest}.json"
+                 for t in tasks}  # fmt: skip
+        missing = [t for t in tasks if not paths[t].is_file()]
+        if missing:
+            self.eval_dir.mkdir(parents=True, exist_ok=True)
+            with applied(self.encoder, deltas):
+                for task in missing:
+                    preds = self.backend.predict(task, list(self.tests[task].texts))
+                    tmp = paths[task].with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(preds))
+                    os.replace(tmp, paths[task])
+        return {t: json.loads(paths[t].read_text()) for t in tasks}
+
+    def merge(self, method: str, tasks: Sequence[str], params: Mapping[str, Any]):
+        """The merged delta of ``tasks``' adapters (``starmerge.api.merge_deltas``)."""
+        from starmerge.api import merge_deltas
+
+        return merge_deltas(method, [self.adapters[t].deltas for t in tasks], params).deltas
+
+    def plan(self, methods: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
+        """(row name, method, parameters) per merge; methods that need data are skipped."""
+        from starmerge.methods import METHODS
+
+        rows = []
+        for name in METHODS.names() if methods is None else methods:
+            if getattr(METHODS.get(name), "needs_data", False):
+                self.skipped.append(name)  # needs task data; the demo passes none
+            else:
+                rows.append((name, name, {}))
+        for name, given in EXTRA_ROWS:
+            if any(r[1] == name for r in rows):
+                label = " ".join([name, *(f"{k}={v}" for k, v in given.items())])
+                rows.append((label, name, given))
+        resolved = [(r, m, METHODS.get(m).resolve(p)) for r, m, p in rows]
+        return [(r, m, {k: v for k, v in p.items() if v is not None}) for r, m, p in resolved]
+
+    def evaluate(self, methods: list[str] | None, full: bool, n_train: Mapping[str, int]):
+        """A ``Results`` with base, individual and one row per merge."""
+        from starmerge.eval.results import Results
+
+        plan, names = self.plan(methods), list(self.adapters)
+        config = {"recipe": asdict(self.recipe), "full": full, "rows": [r[0] for r in plan],
+                  "skipped": self.skipped}  # fmt: skip
+        results = Results(SUITE, MODEL, seed=self.seed, config=config)
+        for task, test in self.tests.items():
+            results.add_task(task, "accuracy", len(test), labels=list(test.label_names),
+                             n_train=n_train[task], source=test.source,
+                             adapter=self.adapters[task].path.name)  # fmt: skip
+        bar = tqdm(total=2 + len(plan), desc="evaluate", disable=not self.progress, leave=False)
+
+        def add(name: str, scored: Mapping[str, Any], method=None, parameters=None) -> None:
+            results.add_row(name, {t: s["score"] for t, s in scored.items()}, method, parameters,
+                            predictions={t: s["predictions"] for t, s in scored.items()},
+                            correct={t: s["correct"] for t, s in scored.items()})  # fmt: skip
+            bar.update()
+
+        add("base", self.score({}, names))
+        add("individual", {t: self.score(self.adapters[t].deltas, [t])[t] for t in names})
+        for row, method, params in plan:
+            bar.set_postfix_str(row)
+            try:
+                add(row, self.score(self.merge(method, names, params), names), method, params)
+            except (StarmergeError, NotImplementedError, ValueError) as err:
+                self.failed[row] = f"{type(err).__name__}: {err}"
+                print(f"warning: demo: {row} failed: {self.failed[row]}", file=sys.stderr)
+                bar.update()
+        bar.close()
+        return results
+
+    def sweeps(self, data: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """The STAR eta sweep (all tasks) and the normalized score per number of merged tasks."""
+        from starmerge.eval.metrics import bootstrap_ci, normalized_score
+        from starmerge.methods import METHODS
+
+        individual = next(r["scores"] for r in data["rows"] if r["name"] == "individual")
+        names = list(self.adapters)
+        jobs = [("star", tuple(names), {"eta": float(e)}) for e in ETAS if "star" in METHODS]
+        rng = random.Random(self.seed)
+        for k in range(2, len(names) + 1):
+            subsets = list(itertools.combinations(names, k))
+            for subset in rng.sample(subsets, min(CURVE_SUBSETS, len(subsets))):
+                jobs += [(m, subset, {}) for m in CURVE_METHODS if m in METHODS]
+        out: dict[str, list[dict[str, Any]]] = {"eta_sweep": [], "curve": []}
+        for method, subset, params in tqdm(jobs, "sweeps", disable=not self.progress, leave=False):
+            scored = self.score(self.merge(method, subset, params), subset)
+            point = {"method": method, **params, "n_tasks": len(subset), "tasks": list(subset),
+                     "normalized": normalized_score({t: s["score"] for t, s in scored.items()},
+                                                    individual),
+                     "ci": list(bootstrap_ci({t: s["correct"] for t, s in scored.items()},
+                                             individual, seed=self.seed))}  # fmt: skip
+            out["eta_sweep" if params else "curve"].append(point)
+        return out
+
+
+def _digest(parts: Iterable[Any]) -> str:
+    """A short hash of tensors (their exact values) and other objects (their repr)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for p in parts:
+        blob = p.detach().float().numpy().tobytes() if isinstance(p, Tensor) else repr(p).encode()
+        digest.update(blob)
+    return digest.hexdigest()
+
+
+def _write(data: dict[str, Any], out: Path, run_id: str, echo: bool) -> dict[str, str]:
+    """Results JSON, table, plots and HTML report; prints the table when ``echo``."""
+    from starmerge.report.html import write_html
+    from starmerge.report.plots import plot_curve, plot_eta_sweep, plot_normalized
+    from starmerge.report.tables import render_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"results": out / f"{SUITE}-{run_id}.json", "table": out / "table.txt"}
+    table = render_table(data)
+    files["table"].write_text(table + "\n", encoding="utf-8")
+    files["normalized"] = plot_normalized([data], out / "normalized.png")
+    images = [files["normalized"]]
+    if "eta_sweep" in data:
+        base = next(r.get("normalized") for r in data["rows"] if r["name"] == "base")
+        files["eta_sweep"] = plot_eta_sweep(data["eta_sweep"], out / "eta_sweep.png", base=base)
+        files["curve"] = plot_curve(data["curve"], out / "curve.png")
+        images += [files["eta_sweep"], files["curve"]]
+    title = "starmerge demo: LoRA adapters of all-MiniLM-L6-v2 merged"
+    files["report"] = write_html([data], out / "report.html", images, title=title)
+    written = {k: str(v) for k, v in files.items()}
+    tmp = files["results"].with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**data, "files": written}, indent=1, default=str) + "\n")
+    os.replace(tmp, files["results"])
+    if echo:
+        print(table)
+        print("\n".join(f"{k}: {v}" for k, v in written.items()))
+    return written

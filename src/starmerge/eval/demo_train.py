@@ -1,0 +1,291 @@
+"""The model side of the embedded demo: train, cache and apply LoRA task adapters.
+
+Each task gets a LoRA adapter on a shared encoder trained *jointly* with a linear head on mean
+pooling (the "joint recipe" of ``docs/demo.md``). A trained adapter is cached as a real PEFT
+adapter directory plus ``head.safetensors``, keyed by a hash of the recipe and the training
+data; its task vector is ``LowRank(lora_B, lora_A, alpha / r)`` per adapted ``<module>.weight``.
+Merged deltas are applied to a plain (non-PEFT) copy of the encoder in memory and restored after,
+so a whole sweep costs one model load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from starmerge.errors import InputError, StarmergeError
+from starmerge.eval.assets import TaskData, model_path
+from starmerge.tensors.delta import Delta
+
+CACHE_VERSION = 1  # bump when the training code changes what a recipe produces
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every task adapter is trained (all of it goes into the cache key).
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA alpha (scale = alpha / r).
+        targets: Module names LoRA adapts (PEFT suffix match).
+        lr: AdamW learning rate for the LoRA factors and the head (linear decay to 0).
+        steps: Optimizer steps per task.
+        batch_size: Training batch size.
+        max_length: Token limit for training and evaluation.
+        n_train: Training items per task (fewer when the task has fewer).
+        model: The backbone name (only ``minilm``, all-MiniLM-L6-v2, for now).
+    """
+
+    rank: int
+    alpha: int
+    targets: tuple[str, ...]
+    lr: float
+    steps: int
+    batch_size: int
+    max_length: int
+    n_train: int
+    model: str = "minilm"
+
+
+@dataclass(frozen=True)
+class TaskAdapter:
+    """A trained task: its delta per base parameter, its head, and training facts."""
+
+    task: str
+    deltas: dict[str, Delta]
+    head_weight: Tensor  # (n_labels, hidden)
+    head_bias: Tensor  # (n_labels,)
+    path: Path
+    meta: dict[str, Any]
+
+
+def quiet_transformers() -> None:
+    """Offline mode and no hub or weight-loading chatter: the demo never downloads."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def cpu_threads() -> Iterator[int]:
+    """Set torch's CPU threads for the demo; restore the previous count on exit.
+
+    ``$STARMERGE_THREADS`` wins. Otherwise torch's default, minus the cores that other work
+    keeps busy (1-minute load average): threads that share a core wait for each other at every
+    op, and on a busy 2-core VM two threads ran 2-5x slower than one.
+    """
+    previous = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = previous if load < 0.5 else max(1, min(previous, round((os.cpu_count() or 1) - load)))
+    wanted = int(os.environ.get("STARMERGE_THREADS") or 0) or free
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(previous)
+
+
+def load_backbone(model: str = "minilm") -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and a plain encoder in eval mode.
+
+    Raises:
+        InputError: An unknown backbone name.
+    """
+    if model != "minilm":
+        raise InputError(f"demo model must be 'minilm', got {model!r}")
+    quiet_transformers()
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(model_path())
+    encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
+    return AutoTokenizer.from_pretrained(path), encoder.eval()
+
+
+def collate(ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest item: ``(input_ids, attention_mask)``, both ``(B, T)``."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
+def pooled(encoder: torch.nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the last hidden states over real tokens: ``(B, hidden)``."""
+    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+@contextlib.contextmanager
+def applied(encoder: torch.nn.Module, deltas: Mapping[str, Delta]) -> Iterator[None]:
+    """Add ``deltas`` to the encoder's weights in place; restore the saved tensors on exit.
+
+    Raises:
+        InputError: A key is not a parameter of the encoder (a wrong key would otherwise
+            silently leave the base model in place).
+    """
+    params = dict(encoder.named_parameters())
+    unknown = [k for k in deltas if k not in params]
+    if unknown:
+        raise InputError(
+            f"merged delta key {unknown[0]!r} is not a parameter of the encoder "
+            f"(e.g. {next(iter(params))!r}); keys must be base parameter names"
+        )
+    saved = {k: params[k].detach().clone() for k in deltas}
+    try:
+        with torch.no_grad():
+            for key, delta in deltas.items():
+                params[key].add_(delta.to_dense(torch.float32).to(params[key].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for key, value in saved.items():
+                params[key].copy_(value)
+
+
+def default_cache_dir() -> Path:
+    """``$STARMERGE_CACHE``, else ``~/.cache/starmerge``."""
+    env = os.environ.get("STARMERGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "starmerge"
+
+
+def split_task(data: TaskData, n_train: int, n_test: int, seed: int) -> tuple[TaskData, TaskData]:
+    """Seeded disjoint (train, test) subsets; the test set does not depend on ``n_train``.
+
+    Raises:
+        StarmergeError: The task has fewer than ``n_test + 50`` items.
+    """
+    if len(data) < n_test + 50:
+        raise StarmergeError(
+            f"task {data.name!r} has {len(data)} items, too few for n_test={n_test} plus "
+            "training; use a smaller n_test"
+        )
+    order = torch.randperm(
+        len(data), generator=torch.Generator().manual_seed(_seed_for(data.name, seed))
+    ).tolist()
+    return data.subset(order[n_test : n_test + n_train]), data.subset(order[:n_test])
+
+
+def cache_key(task: TaskData, recipe: Recipe, seed: int) -> str:
+    """Hash of the recipe, the seed and the exact training items."""
+    head = [CACHE_VERSION, asdict(recipe), seed, task.name, list(task.label_names)]
+    digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    for text, label in zip(task.texts, task.labels, strict=True):
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def adapter_dir(cache_dir: Path, task: TaskData, recipe: Recipe, seed: int) -> Path:
+    """Where the adapter of ``task`` trained with ``recipe`` lives in the cache."""
+    return Path(cache_dir) / "demo" / recipe.model / f"{task.name}-{cache_key(task, recipe, seed)}"
+
+
+def get_adapter(
+    cache_dir: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool = True
+) -> TaskAdapter:
+    """Load the cached adapter for ``train``, training and caching it first when missing."""
+    path = adapter_dir(cache_dir, train, recipe, seed)
+    fresh = not (path / "meta.json").is_file()
+    if fresh:
+        _train_into(path, train, recipe, seed, progress)
+    adapter = load_adapter(path)
+    adapter.meta["fresh"] = fresh  # trained by this call (not written to the cache)
+    return adapter
+
+
+def load_adapter(path: Path) -> TaskAdapter:
+    """Read a cached adapter: its ``LowRank`` delta per base ``<module>.weight``, and its head."""
+    from safetensors.torch import load_file
+
+    from starmerge.io.adapter import load_adapter as read_lora
+
+    lora = read_lora(path / "adapter")  # the same reader as `starmerge merge`
+    deltas: dict[str, Delta] = {key: lora.get(key) for key in lora.keys()}
+    head = load_file(str(path / "head.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    return TaskAdapter(meta["task"], deltas, head["weight"], head["bias"], path, meta)
+
+
+def _seed_for(task: str, seed: int) -> int:
+    return int(hashlib.sha256(f"{task}:{seed}".encode()).hexdigest()[:8], 16)
+
+
+def _train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool) -> None:
+    """Train LoRA + head on ``train`` and write the adapter dir atomically to ``path``."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    tokenizer, encoder = load_backbone(recipe.model)
+    torch.manual_seed(_seed_for(train.name, seed))
+    targets = list(recipe.targets)
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(encoder, config)
+    head = torch.nn.Linear(encoder.config.hidden_size, len(train.label_names))
+    ids = tokenizer(list(train.texts), truncation=True, max_length=recipe.max_length)
+    generator = torch.Generator().manual_seed(_seed_for(train.name, seed) + 1)
+    bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
+    start = time.perf_counter()
+    loss = _fit(model, head, ids["input_ids"], torch.tensor(train.labels), recipe, generator, bar)
+    meta = {"task": train.name, "label_names": list(train.label_names), "n_train": len(train),
+            "recipe": asdict(recipe), "seed": seed, "source": train.source,
+            "train_seconds": round(time.perf_counter() - start, 2), "final_loss": round(loss, 4),
+            "cache_version": CACHE_VERSION}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp / "adapter"))
+        weights = {"weight": head.weight.detach(), "bias": head.bias.detach()}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "head.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():  # a stale copy
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fit(model: torch.nn.Module, head: torch.nn.Linear, ids: list[list[int]], labels: Tensor,
+         recipe: Recipe, generator: torch.Generator, bar: Any) -> float:  # fmt: skip
+    """AdamW on LoRA + head with cross-entropy; returns the mean loss of the last 10 steps."""
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / recipe.steps)
+    order: list[int] = []
+    recent: list[float] = []
+    model.train()
+    for _ in bar:
+        if len(order) < recipe.batch_size:  # a new epoch, reshuffled
+            order += torch.randperm(len(ids), generator=generator).tolist()
+        batch, order = order[: recipe.batch_size], order[recipe.batch_size :]
+        logits = head(pooled(model, *collate([ids[i] for i in batch])))  # (B, n_labels)
+        loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        recent = (recent + [loss.item()])[-10:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    model.eval()
+    return sum(recent) / len(recent)
