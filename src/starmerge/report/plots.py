@@ -79,7 +79,8 @@ def plot_normalized(results_list: Sequence[Mapping[str, Any]], out_png: str | Pa
     values = [*heights, *(h + e for h, e in zip(heights, highs, strict=True)), 100.0]
     low = min([*heights, base if base is not None else 100.0, 100.0])
     ax.set_ylim(max(0.0, low - 10.0), max(values) + 5.0)
-    ax.legend(loc="lower right", fontsize=8)
+    # Above the axes, so it never covers a bar.
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8, frameon=False)
     if not bars:
         ax.text(0.5, 0.5, "no merged rows", transform=ax.transAxes, ha="center")
     return _save(fig, out_png)
