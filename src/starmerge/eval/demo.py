@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from starmerge.errors import StarmergeError
 from starmerge.eval.assets import MODEL_PACKAGE, TaskData, default_tasks, load_task
+from starmerge.eval.demo_data import DemoStatistics, write_outputs
 from starmerge.eval.demo_train import (
     Recipe,
     TaskAdapter,
@@ -49,11 +50,11 @@ ALL_LINEAR = ("query", "key", "value", "output.dense", "intermediate.dense")
 #: What ``make demo`` runs; ``tasks=None``: the PyPI tasks plus the Debian ones present.
 DEFAULTS = MappingProxyType(dict(
     tasks=None, steps=150, batch_size=16, n_train=1200, n_test=300, rank=8, alpha=16,
-    targets=ALL_LINEAR, lr=2e-3, max_length=64))  # fmt: skip
-#: 3 tasks, few steps: the integration test (< 60 s on 2 cores, training included).
+    targets=ALL_LINEAR, lr=2e-3, max_length=64, n_stats=64))  # fmt: skip
+#: 3 tasks, few steps: the integration test (~90 s on 2 shared cores, training included).
 FAST = MappingProxyType(dict(
     tasks=["news", "langid", "chat_topic"], steps=30, batch_size=16, n_train=480, n_test=80,
-    rank=8, alpha=16, targets=ALL_LINEAR, lr=3e-3, max_length=24))  # fmt: skip
+    rank=8, alpha=16, targets=ALL_LINEAR, lr=3e-3, max_length=24, n_stats=16))  # fmt: skip
 #: Rows beside every method at its defaults: task arithmetic at a commonly tuned scaling.
 EXTRA_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (("task_arithmetic", {"scaling": 0.3}),)
 ETAS = tuple(range(10, 101, 10))
@@ -66,7 +67,8 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
              n_test: int, full: bool, out_dir: Path, cache_dir: Path | None, seed: int = 0,
              methods: list[str] | None = None, progress: bool = True, rank: int = 8,
              alpha: int = 16, targets: Sequence[str] = ALL_LINEAR, lr: float = 2e-3,
-             max_length: int = 64, model: str = "minilm") -> dict[str, Any]:  # fmt: skip
+             max_length: int = 64, model: str = "minilm", n_stats: int = 64,
+             ) -> dict[str, Any]:  # fmt: skip
     """Train (or load) the task adapters, merge with every method, evaluate and report.
 
     Args:
@@ -80,7 +82,8 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
         out_dir: Where the results JSON, table, plots and report go.
         cache_dir: Adapter cache (``None``: :func:`default_cache_dir`).
         seed: Seeds the data split, the training and the bootstrap.
-        methods: Registry names to run (``None``: every method that needs no task data).
+        methods: Registry names to run (``None``: every method; the data-driven ones get
+            statistics from ``n_stats`` training items per task).
         progress: Show progress bars, then print the table and the written files.
         rank: LoRA rank.
         alpha: LoRA alpha.
@@ -88,6 +91,7 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
         lr: Learning rate.
         max_length: Token limit.
         model: The backbone (only ``minilm`` for now).
+        n_stats: Training items per task the data methods' statistics are collected on.
 
     Returns:
         The results dict as written to JSON, plus ``skipped``, ``failed``, ``timing``,
@@ -108,33 +112,40 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
         splits = {t: split_task(load_task(t), n_train, n_test, seed) for t in names}
         adapters = {t: get_adapter(cache, splits[t][0], recipe, seed, progress) for t in names}
         trained = time.perf_counter()
-        demo = _Demo(recipe, adapters, {t: splits[t][1] for t in names}, cache, seed, progress)
+        demo = _Demo(recipe, adapters, {t: splits[t][1] for t in names}, cache, seed, progress,
+                     {t: splits[t][0] for t in names}, n_stats)  # fmt: skip
         results = demo.evaluate(methods, full, {t: len(s[0]) for t, s in splits.items()})
         data = results.to_json()
-        data.update(skipped=demo.skipped, failed=demo.failed)
+        data.update(skipped=demo.skipped, failed=demo.failed, data_used=demo.data_used)
         if full:
             data.update(demo.sweeps(data))
         now = time.perf_counter()
         data["timing"] = {"train_s": round(trained - start, 2),
                           "eval_s": round(now - trained, 2), "total_s": round(now - start, 2),
-                          "threads": threads,
+                          "threads": threads, "merge_s": demo.merge_s,
+                          "stats_s": demo.stats.seconds, "stats_peak_bytes": demo.stats.peak_bytes,
                           "trained": [t for t in names if adapters[t].meta["fresh"]]}  # fmt: skip
-    data["files"] = _write(data, Path(out_dir), results.run_id(), progress)
+    data["files"] = write_outputs(data, Path(out_dir), f"{SUITE}-{results.run_id()}", progress)
     return data
 
 
 class _Demo:
-    """The loaded encoder, heads, test sets and adapters; evaluates rows and sweeps."""
+    """The encoder, heads, test sets, adapters and statistics; evaluates rows and sweeps."""
 
     def __init__(self, recipe: Recipe, adapters: Mapping[str, TaskAdapter],
-                 tests: Mapping[str, TaskData], cache: Path, seed: int,
-                 progress: bool):  # fmt: skip
+                 tests: Mapping[str, TaskData], cache: Path, seed: int, progress: bool,
+                 train: Mapping[str, TaskData], n_stats: int):  # fmt: skip
         from starmerge.eval.backends import ClassifierHeadBackend
 
         self.recipe, self.adapters, self.seed, self.progress = recipe, adapters, seed, progress
         self.skipped: list[str] = []
         self.failed: dict[str, str] = {}
+        self.merge_s: dict[str, float] = {}
+        self.data_used: dict[str, dict[str, Any]] = {}
         tokenizer, self.encoder = load_backbone(recipe.model)
+        # Statistics for the data methods, from n_stats of each task's *training* items.
+        self.stats = DemoStatistics(self.encoder, tokenizer, adapters, train, cache, n_stats,
+                                    seed, recipe.max_length, recipe.model)  # fmt: skip
         heads = {}
         for task, adapter in adapters.items():
             head = torch.nn.Linear(adapter.head_weight.shape[1], adapter.head_weight.shape[0])
@@ -184,16 +195,17 @@ class _Demo:
         """The merged delta of ``tasks``' adapters (``starmerge.api.merge_deltas``)."""
         from starmerge.api import merge_deltas
 
+        params = self.stats.complete(method, tasks, params)  # + statistics, when needed
         return merge_deltas(method, [self.adapters[t].deltas for t in tasks], params).deltas
 
     def plan(self, methods: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
-        """(row name, method, parameters) per merge; methods that need data are skipped."""
+        """(row name, method, parameters) per merge; skipped: data the demo cannot provide."""
         from starmerge.methods import METHODS
 
         rows = []
         for name in METHODS.names() if methods is None else methods:
-            if getattr(METHODS.get(name), "needs_data", False):
-                self.skipped.append(name)  # needs task data; the demo passes none
+            if self.stats.unavailable(name, METHODS.get(name).resolve({})):
+                self.skipped.append(name)
             else:
                 rows.append((name, name, {}))
         for name, given in EXTRA_ROWS:
@@ -227,9 +239,15 @@ class _Demo:
         add("individual", {t: self.score(self.adapters[t].deltas, [t])[t] for t in names})
         for row, method, params in plan:
             bar.set_postfix_str(row)
+            before = sum(self.stats.seconds.values())
             try:
-                add(row, self.score(self.merge(method, names, params), names), method, params)
-            except (StarmergeError, NotImplementedError, ValueError) as err:
+                start = time.perf_counter()
+                merged = self.merge(method, names, params)  # statistics: not in the merge time
+                stats_s = sum(self.stats.seconds.values())
+                self.merge_s[row] = round(time.perf_counter() - start - stats_s + before, 3)
+                self.data_used[row] = self.stats.used(method, params)
+                add(row, self.score(merged, names), method, params)
+            except (StarmergeError, NotImplementedError, ValueError, RuntimeError) as err:
                 self.failed[row] = f"{type(err).__name__}: {err}"
                 print(f"warning: demo: {row} failed: {self.failed[row]}", file=sys.stderr)
                 bar.update()
@@ -268,32 +286,3 @@ def _digest(parts: Iterable[Any]) -> str:
         blob = p.detach().float().numpy().tobytes() if isinstance(p, Tensor) else repr(p).encode()
         digest.update(blob)
     return digest.hexdigest()
-
-
-def _write(data: dict[str, Any], out: Path, run_id: str, echo: bool) -> dict[str, str]:
-    """Results JSON, table, plots and HTML report; prints the table when ``echo``."""
-    from starmerge.report.html import write_html
-    from starmerge.report.plots import plot_curve, plot_eta_sweep, plot_normalized
-    from starmerge.report.tables import render_table
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"results": out / f"{SUITE}-{run_id}.json", "table": out / "table.txt"}
-    table = render_table(data)
-    files["table"].write_text(table + "\n", encoding="utf-8")
-    files["normalized"] = plot_normalized([data], out / "normalized.png")
-    images = [files["normalized"]]
-    if "eta_sweep" in data:
-        base = next(r.get("normalized") for r in data["rows"] if r["name"] == "base")
-        files["eta_sweep"] = plot_eta_sweep(data["eta_sweep"], out / "eta_sweep.png", base=base)
-        files["curve"] = plot_curve(data["curve"], out / "curve.png")
-        images += [files["eta_sweep"], files["curve"]]
-    title = "starmerge demo: LoRA adapters of all-MiniLM-L6-v2 merged"
-    files["report"] = write_html([data], out / "report.html", images, title=title)
-    written = {k: str(v) for k, v in files.items()}
-    tmp = files["results"].with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**data, "files": written}, indent=1, default=str) + "\n")
-    os.replace(tmp, files["results"])
-    if echo:
-        print(table)
-        print("\n".join(f"{k}: {v}" for k, v in written.items()))
-    return written
