@@ -87,13 +87,16 @@ def quiet_transformers() -> None:
 def cpu_threads() -> Iterator[int]:
     """Set torch's CPU threads for the demo; restore the previous count on exit.
 
-    ``$STARMERGE_THREADS`` wins. Otherwise torch's default, minus the cores that other work
-    keeps busy (1-minute load average): threads that share a core wait for each other at every
+    ``$STARMERGE_THREADS`` wins. Otherwise torch's default, or fewer when other work keeps the
+    cores busy (1-minute load average near the core count; the set-up that ran just before, such
+    as ``pip install``, must not count): threads that share a core wait for each other at every
     op, and on a busy 2-core VM two threads ran 2-5x slower than one.
     """
     previous = torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    free = previous if load < 0.5 else max(1, min(previous, round((os.cpu_count() or 1) - load)))
+    cores = os.cpu_count() or 1
+    busy = load >= cores - 0.5
+    free = max(1, min(previous, round(cores - load))) if busy else previous
     wanted = int(os.environ.get("STARMERGE_THREADS") or 0) or free
     torch.set_num_threads(wanted)
     try:
