@@ -131,7 +131,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
             assert merged_key == key  # merge_params follows the given key order
             weight = weight.to(torch.float32) + result.delta.to_dense(torch.float32)
             per_param[key] = dict(result.stats)
-            _write_artifacts(artifacts, key, result)
+            _write_artifacts(artifacts, plan, key, result)
         writer.write(key, weight)
         del weight
     writer.close()
@@ -158,7 +158,7 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
             stats["svd_energy_kept"] = energy
             energies.append(energy)
         per_param[key] = stats
-        _write_artifacts(artifacts, key, result)
+        _write_artifacts(artifacts, plan, key, result)
         modules[key.removesuffix(".weight")] = lowrank
     if artifacts is not None:
         artifacts.close()
@@ -195,17 +195,12 @@ def _artifact_writer(plan: Plan, tmp: Path):
     return StreamingShardWriter(tmp, tensors, size, prefix="artifacts")
 
 
-def _write_artifacts(writer, key: str, result: Merged) -> None:
+def _write_artifacts(writer, plan: Plan, key: str, result: Merged) -> None:
+    """Write ``key``'s artifacts in the order ``_artifact_writer`` planned them."""
     if writer is None:
         return
-    for name in writer_names(writer, key):
+    for name in plan.method.artifacts:
         writer.write(f"{key}::{name}", result.artifacts[name])
-
-
-def writer_names(writer, key: str) -> list[str]:
-    """The artifact names planned for ``key``, in planned order."""
-    prefix = f"{key}::"
-    return [t.key[len(prefix) :] for s in writer.shards for t in s if t.key.startswith(prefix)]
 
 
 def _as_lowrank(key: str, result: Merged, rank: int | None) -> tuple[LowRank, float | None]:

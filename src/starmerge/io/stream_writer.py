@@ -9,7 +9,6 @@ one tensor.
 
 from __future__ import annotations
 
-import errno
 import json
 import struct
 from collections.abc import Sequence
@@ -19,7 +18,8 @@ from typing import BinaryIO
 
 import torch
 
-from starmerge.errors import InputError, OutputError
+from starmerge.errors import InputError
+from starmerge.io.writer import write_guard
 
 _DTYPE_CODES = {
     torch.float32: "F32",
@@ -134,28 +134,23 @@ class StreamingShardWriter:
     def _open(self, shard: int) -> None:
         if self._file is not None:
             self._guarded(self._file.close)
-        path = self.directory / self.names[shard]
-        self._file = open(path, "wb")  # noqa: SIM115  closed in _open/close
         self._shard = shard
-        self._guarded(lambda: self._file.write(_header(self.shards[shard])))
+        with write_guard(self.directory / self.names[shard]):
+            self._file = open(self.directory / self.names[shard], "wb")  # noqa: SIM115  closed in close
+            self._file.write(_header(self.shards[shard]))
 
     def _write_index(self) -> None:
         weight_map = {t.key: self.names[i] for i, s in enumerate(self.shards) for t in s}
         total = sum(t.nbytes for s in self.shards for t in s)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         path = self.directory / f"{self.prefix}.safetensors.index.json"
-        self._guarded(lambda: path.write_text(json.dumps(index, indent=2) + "\n"))
+        with write_guard(path):
+            path.write_text(json.dumps(index, indent=2) + "\n")
 
     def _guarded(self, action) -> None:
-        try:
+        """Run a write to the current file; disk full and other write errors -> OutputError."""
+        with write_guard(self.directory / self.names[max(self._shard, 0)]):
             action()
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise OutputError(
-                    f"disk full while writing to {self.directory}; free space or choose another "
-                    "output directory (nothing was written to the output directory)"
-                ) from None
-            raise
 
 
 def _header(tensors: Sequence[TensorPlan]) -> bytes:
