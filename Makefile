@@ -27,7 +27,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The browser test of the HTML report needs Debian chromium: installed here when root (CI).
 test-slow: $(VENV)/.installed
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "note: install Debian chromium (apt-get install chromium) for the report browser test"
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed

@@ -146,6 +146,13 @@ def methods(as_json: bool) -> None:
 )
 @click.option("--tasks", default=None, help="Comma-separated task names.")
 @click.option("--methods", "method_names", default=None, help="Comma-separated method names.")
+@click.option(
+    "--model",
+    type=click.Choice(["minilm", "gemma-270m"]),
+    default="minilm",
+    show_default=True,
+    help="minilm: encoder + heads (minutes); gemma-270m: the decoder tier (about 30 min).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(
     full: bool,
@@ -154,12 +161,15 @@ def demo(
     cache_dir: Path | None,
     tasks: str | None,
     method_names: str | None,
+    model: str,
     quiet: bool,
 ) -> None:
     """Run the embedded benchmark: train a zoo of LoRAs offline, merge with every method."""
     from starmerge.eval import demo as demo_mod
 
-    preset = dict(demo_mod.FAST if fast else demo_mod.DEFAULTS)
+    presets = {"minilm": (demo_mod.DEFAULTS, demo_mod.FAST),
+               "gemma-270m": (demo_mod.DECODER, demo_mod.DECODER_FAST)}  # fmt: skip
+    preset = dict(presets[model][1] if fast else presets[model][0])
     if tasks:
         preset["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
     if method_names:

@@ -181,3 +181,17 @@ def test_evaluate_example_task_on_tiny_llama(llama, tok):
     ]
     assert one.n == 16 and 0.0 <= one.score <= 1.0
     assert set(one.predictions[0]) >= {"index", "input", "gold", "pred", "scores", "correct"}
+
+
+def test_one_token_choices_share_one_pass_per_prompt(llama, tok):
+    """k one-token label words cost one forward of the prompt, with the reference's scores."""
+    prompts, choices = PROMPTS[:3], [[" positive", " negative", " good"]] * 3
+    calls = []
+    hook = llama.register_forward_hook(lambda mod, args, kw, out: calls.append(1), with_kwargs=True)
+    try:
+        got = CausalLMBackend(llama, tok, batch_size=1).score_choices(prompts, choices)
+    finally:
+        hook.remove()
+    assert len(calls) == len(prompts)  # not len(prompts) * 3
+    for a, r in zip(got, _reference_scores(llama, tok, prompts, choices), strict=True):
+        assert a == pytest.approx(r, abs=1e-4)

@@ -18,7 +18,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from starmerge.errors import StarmergeError, UnknownNameError, did_you_mean
@@ -38,6 +38,8 @@ class TaskData:
         labels: Label indices into ``label_names``, one per text.
         label_names: The label names, sorted.
         source: Where the data came from (package or Debian path), for the report.
+        generation: A generation task: ``label_names`` are the distinct gold answers, scored
+            by exact match of generated text (the decoder tier's trivia).
     """
 
     name: str
@@ -45,6 +47,7 @@ class TaskData:
     labels: tuple[int, ...]
     label_names: tuple[str, ...]
     source: str
+    generation: bool = False
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -53,7 +56,7 @@ class TaskData:
         """The items at ``index`` (same labels and source)."""
         idx = list(index)
         texts, labels = tuple(self.texts[i] for i in idx), tuple(self.labels[i] for i in idx)
-        return TaskData(self.name, texts, labels, self.label_names, self.source)
+        return replace(self, texts=texts, labels=labels)
 
 
 def package_dir(module: str, pip_name: str, what: str) -> Path:

@@ -12,12 +12,20 @@ head models). Fixes of the seed code's evaluation, on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from starmerge.errors import UnknownNameError, did_you_mean
+from starmerge.eval.classifier import ClassifierHeadBackend
+
+__all__ = [
+    "Backend",
+    "CausalLMBackend",
+    "ClassifierBackend",
+    "ClassifierHeadBackend",
+    "Seq2SeqBackend",
+]
 
 
 @runtime_checkable
@@ -148,11 +156,31 @@ class CausalLMBackend:
 
     @torch.inference_mode()
     def score_choices(self, prompts: list[str], choices: list[list[str]]) -> list[list[float]]:
-        """Summed log-likelihood of each choice continuation given its prompt."""
+        """Summed log-likelihood of each choice continuation given its prompt.
+
+        Choices of one token share one forward pass of their context: the log-likelihood of
+        a one-token continuation is read at the context's last position, which is exactly the
+        input the per-choice pass would run (label words are mostly one token, so a k-way
+        classification costs one pass instead of k).
+        """
         pairs = zip(prompts, choices, strict=True)
         reqs = [(i, self._request(p, c)) for i, (p, cs) in enumerate(pairs) for c in cs]
         scores = [0.0] * len(reqs)
-        for batch in _batches([len(c) + len(t) for _, (c, t) in reqs], self.batch_size):
+        shared: dict[tuple[int, ...], list[int]] = {}  # context -> its one-token requests
+        for r, (_, (ctx, cont)) in enumerate(reqs):
+            if len(cont) == 1:
+                shared.setdefault(tuple(ctx), []).append(r)
+        contexts = list(shared)
+        for batch in _batches([len(c) for c in contexts], self.batch_size):
+            logits = self._logits([list(contexts[c]) for c in batch], 1)[:, -1]  # (B, V)
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for b, c in enumerate(batch):
+                for r in shared[contexts[c]]:
+                    scores[r] = float(logp[b, reqs[r][1][1][0]])
+        longer = [r for r, (_, (_, cont)) in enumerate(reqs) if len(cont) > 1]
+        for batch in _batches([len(reqs[r][1][0]) + len(reqs[r][1][1]) for r in longer],
+                              self.batch_size):  # fmt: skip
+            batch = [longer[b] for b in batch]
             seqs = [reqs[r][1][0] + reqs[r][1][1] for r in batch]
             conts = [reqs[r][1][1] for r in batch]
             keep = max(len(t) for t in conts)
@@ -238,63 +266,3 @@ class Seq2SeqBackend:
             for b, i in enumerate(batch):
                 out[i] = self.tokenizer.decode(gen[b], skip_special_tokens=True)
         return out
-
-
-class ClassifierHeadBackend:
-    """A shared encoder plus one classification head per task (the embedded demo's models).
-
-    Args:
-        encoder: A ``transformers`` encoder (``AutoModel``) returning ``last_hidden_state``.
-        heads: Task name -> module mapping pooled (B, H) features to (B, n_classes) logits.
-        tokenizer: The encoder's tokenizer.
-        pooling: ``"mean"`` over non-padding tokens, or ``"cls"`` (the first token).
-        batch_size: Texts per forward pass.
-        max_length: Truncation length in tokens.
-
-    Example:
-        >>> backend = ClassifierHeadBackend(encoder, {"news": head}, tok)  # doctest: +SKIP
-        >>> backend.predict("news", ["Stocks fell sharply."])  # doctest: +SKIP
-        [2]
-    """
-
-    def __init__(
-        self,
-        encoder: Any,
-        heads: Mapping[str, torch.nn.Module],
-        tokenizer: Any,
-        pooling: Literal["mean", "cls"] = "mean",
-        batch_size: int = 32,
-        max_length: int = 256,
-    ):
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.encoder, self.heads, self.tokenizer = encoder, dict(heads), tokenizer
-        self.pooling, self.batch_size = pooling, batch_size
-        self._tokenize = {"padding": True, "truncation": True, "max_length": max_length}
-
-    def _head(self, task: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        if task not in self.heads:
-            hint, heads = did_you_mean(task, self.heads), ", ".join(self.heads)
-            raise UnknownNameError(f"No head for task {task!r}.{hint} Heads: {heads}")
-        return self.heads[task]
-
-    @torch.inference_mode()
-    def logits(self, task: str, texts: list[str]) -> torch.Tensor:
-        """Class logits of each text with ``task``'s head: (len(texts), n_classes), on CPU."""
-        head, out = self._head(task), []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            batch = self.tokenizer(chunk, return_tensors="pt", **self._tokenize)
-            batch = batch.to(self.encoder.device)
-            hidden = self.encoder(**batch).last_hidden_state  # (B, T, H)
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(head(pooled).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, 0)
-
-    def predict(self, task: str, texts: list[str]) -> list[int]:
-        """Predicted class index of each text with ``task``'s head."""
-        return self.logits(task, texts).argmax(-1).tolist() if texts else []

@@ -21,13 +21,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from starmerge.errors import StarmergeError
-from starmerge.eval.assets import MODEL_PACKAGE, TaskData, default_tasks, load_task
+from starmerge.eval.assets import TaskData, default_tasks, load_task
 from starmerge.eval.demo_data import DemoStatistics, write_outputs
+from starmerge.eval.demo_encoder import make_tier
 from starmerge.eval.demo_train import (
     Recipe,
     TaskAdapter,
@@ -35,15 +35,12 @@ from starmerge.eval.demo_train import (
     cpu_threads,
     default_cache_dir,
     get_adapter,
-    load_backbone,
     split_task,
 )
 from starmerge.tensors.delta import Delta
 
-__all__ = ["DEFAULTS", "FAST", "default_cache_dir", "run_demo"]
+__all__ = ["DECODER", "DECODER_FAST", "DEFAULTS", "FAST", "default_cache_dir", "run_demo"]
 
-SUITE = "demo-minilm"
-MODEL = f"sentence-transformers/all-MiniLM-L6-v2 (PyPI {MODEL_PACKAGE[1]})"
 # Every linear layer of the encoder: "output.dense" is the attention output and the FFN out
 # (PEFT matches name suffixes); a bare "dense" would also adapt the unused pooler.
 ALL_LINEAR = ("query", "key", "value", "output.dense", "intermediate.dense")
@@ -55,6 +52,14 @@ DEFAULTS = MappingProxyType(dict(
 FAST = MappingProxyType(dict(
     tasks=["news", "langid", "chat_topic"], steps=30, batch_size=16, n_train=480, n_test=80,
     rank=8, alpha=16, targets=ALL_LINEAR, lr=3e-3, max_length=24, n_stats=16))  # fmt: skip
+#: ``--model gemma-270m``: the seed paper's setting (LoRA on q/v of a decoder, label words).
+DECODER = MappingProxyType(dict(
+    tasks=["news", "sentiment", "langid", "chat_topic", "kaomoji", "trivia"], steps=60,
+    batch_size=8, n_train=480, n_test=100, rank=8, alpha=16, targets=("q_proj", "v_proj"),
+    lr=1e-3, max_length=64, n_stats=32, model="gemma-270m"))  # fmt: skip
+#: ``--model gemma-270m --fast``: 3 tasks, few steps (the slow integration test).
+DECODER_FAST = MappingProxyType(dict(DECODER, tasks=["news", "langid", "trivia"], steps=12,
+                                     n_train=96, n_test=24, n_stats=8))  # fmt: skip
 #: Rows beside every method at its defaults: task arithmetic at a commonly tuned scaling.
 EXTRA_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (("task_arithmetic", {"scaling": 0.3}),)
 ETAS = tuple(range(10, 101, 10))
@@ -90,7 +95,7 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
         targets: Module names LoRA adapts.
         lr: Learning rate.
         max_length: Token limit.
-        model: The backbone (only ``minilm`` for now).
+        model: The backbone: ``minilm`` or ``gemma-270m`` (the decoder tier, :data:`DECODER`).
         n_stats: Training items per task the data methods' statistics are collected on.
 
     Returns:
@@ -109,7 +114,10 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
     with cpu_threads() as threads:
         start = time.perf_counter()
         names = list(tasks) if tasks else default_tasks()
-        splits = {t: split_task(load_task(t), n_train, n_test, seed) for t in names}
+        load = load_task
+        if model == "gemma-270m":
+            from starmerge.eval.decoder_tasks import load_decoder_task as load
+        splits = {t: split_task(load(t), n_train, n_test, seed) for t in names}
         adapters = {t: get_adapter(cache, splits[t][0], recipe, seed, progress) for t in names}
         trained = time.perf_counter()
         demo = _Demo(recipe, adapters, {t: splits[t][1] for t in names}, cache, seed, progress,
@@ -125,53 +133,45 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
                           "threads": threads, "merge_s": demo.merge_s,
                           "stats_s": demo.stats.seconds, "stats_peak_bytes": demo.stats.peak_bytes,
                           "trained": [t for t in names if adapters[t].meta["fresh"]]}  # fmt: skip
-    data["files"] = write_outputs(data, Path(out_dir), f"{SUITE}-{results.run_id()}", progress)
+    stem = f"{demo.tier.suite}-{results.run_id()}"
+    data["files"] = write_outputs(data, Path(out_dir), stem, progress)
     return data
 
 
 class _Demo:
-    """The encoder, heads, test sets, adapters and statistics; evaluates rows and sweeps."""
+    """The tier's model, test sets, adapters and statistics; evaluates rows and sweeps."""
 
     def __init__(self, recipe: Recipe, adapters: Mapping[str, TaskAdapter],
                  tests: Mapping[str, TaskData], cache: Path, seed: int, progress: bool,
                  train: Mapping[str, TaskData], n_stats: int):  # fmt: skip
-        from starmerge.eval.backends import ClassifierHeadBackend
-
         self.recipe, self.adapters, self.seed, self.progress = recipe, adapters, seed, progress
         self.skipped: list[str] = []
         self.failed: dict[str, str] = {}
         self.merge_s: dict[str, float] = {}
         self.data_used: dict[str, dict[str, Any]] = {}
-        tokenizer, self.encoder = load_backbone(recipe.model)
+        self.tier = make_tier(recipe, adapters, cache)
         # Statistics for the data methods, from n_stats of each task's *training* items.
-        self.stats = DemoStatistics(self.encoder, tokenizer, adapters, train, cache, n_stats,
-                                    seed, recipe.max_length, recipe.model)  # fmt: skip
-        heads = {}
-        for task, adapter in adapters.items():
-            head = torch.nn.Linear(adapter.head_weight.shape[1], adapter.head_weight.shape[0])
-            head.load_state_dict({"weight": adapter.head_weight, "bias": adapter.head_bias})
-            heads[task] = head.eval()
-        self.backend = ClassifierHeadBackend(self.encoder, heads, tokenizer, batch_size=128,
-                                             max_length=recipe.max_length)  # fmt: skip
+        self.stats = DemoStatistics(self.tier.module, self.tier.tokenizer, adapters, train, cache,
+                                    n_stats, seed, recipe.max_length, recipe.model)  # fmt: skip
         # Sorted by length so that batches pad little; this order is the test set's order.
         self.tests, self.test_keys, how = {}, {}, sorted(asdict(recipe).items())
         for task, test in tests.items():
-            lengths = [len(ids) for ids in tokenizer(list(test.texts))["input_ids"]]
-            test = self.tests[task] = test.subset(sorted(range(len(test)), key=lengths.__getitem__))
+            test = self.tests[task] = self.tier.order(test)
             self.test_keys[task] = _digest([EVAL_VERSION, how, adapters[task].path.name, test])
         self.eval_dir = cache / "demo" / recipe.model / "evals"
 
     def score(self, deltas: Mapping[str, Delta], tasks: Sequence[str]) -> dict[str, Any]:
-        """Accuracy, per-example 0/1 and predictions of base + ``deltas`` on ``tasks``."""
+        """Score, per-example 0/1 and predictions of base + ``deltas`` on ``tasks``."""
         out = {}
         for task, preds in self.predict(deltas, tasks).items():
             test = self.tests[task]
-            pairs = list(zip(preds, test.labels, strict=True))
-            correct = [int(p == g) for p, g in pairs]
-            names = test.label_names
+            checked = [self.tier.correct(test, i, p) for i, p in enumerate(preds)]
+            correct = [c for c, _ in checked]
+            golds = [test.label_names[g] for g in test.labels]
+            shown = [(text, gold) for (_, text), gold in zip(checked, golds, strict=True)]
             out[task] = {"score": sum(correct) / len(correct), "correct": correct,
-                         "predictions": [{"index": i, "pred": names[p], "gold": names[g]}
-                                         for i, (p, g) in enumerate(pairs)]}  # fmt: skip
+                         "predictions": [{"index": i, "pred": p, "gold": g}
+                                         for i, (p, g) in enumerate(shown)]}  # fmt: skip
         return out
 
     def predict(self, deltas: Mapping[str, Delta], tasks: Sequence[str]) -> dict[str, list[int]]:
@@ -183,9 +183,9 @@ class _Demo:
         missing = [t for t in tasks if not paths[t].is_file()]
         if missing:
             self.eval_dir.mkdir(parents=True, exist_ok=True)
-            with applied(self.encoder, deltas):
+            with applied(self.tier.module, deltas):
                 for task in missing:
-                    preds = self.backend.predict(task, list(self.tests[task].texts))
+                    preds = self.tier.predict(task, self.tests[task])
                     tmp = paths[task].with_suffix(f".tmp{os.getpid()}")
                     tmp.write_text(json.dumps(preds))
                     os.replace(tmp, paths[task])
@@ -222,9 +222,9 @@ class _Demo:
         plan, names = self.plan(methods), list(self.adapters)
         config = {"recipe": asdict(self.recipe), "full": full, "rows": [r[0] for r in plan],
                   "skipped": self.skipped}  # fmt: skip
-        results = Results(SUITE, MODEL, seed=self.seed, config=config)
+        results = Results(self.tier.suite, self.tier.model_label, seed=self.seed, config=config)
         for task, test in self.tests.items():
-            results.add_task(task, "accuracy", len(test), labels=list(test.label_names),
+            results.add_task(task, self.tier.metric(test), len(test), labels=list(test.label_names),
                              n_train=n_train[task], source=test.source,
                              adapter=self.adapters[task].path.name)  # fmt: skip
         bar = tqdm(total=2 + len(plan), desc="evaluate", disable=not self.progress, leave=False)

@@ -47,7 +47,8 @@ class Recipe:
         batch_size: Training batch size.
         max_length: Token limit for training and evaluation.
         n_train: Training items per task (fewer when the task has fewer).
-        model: The backbone name (only ``minilm``, all-MiniLM-L6-v2, for now).
+        model: The backbone: ``minilm`` (all-MiniLM-L6-v2 + a linear head per task) or
+            ``gemma-270m`` (Gemma-3-270M, label words scored by log-likelihood).
     """
 
     rank: int
@@ -67,8 +68,8 @@ class TaskAdapter:
 
     task: str
     deltas: dict[str, Delta]
-    head_weight: Tensor  # (n_labels, hidden)
-    head_bias: Tensor  # (n_labels,)
+    head_weight: Tensor | None  # (n_labels, hidden); None for the decoder tier
+    head_bias: Tensor | None  # (n_labels,)
     path: Path
     meta: dict[str, Any]
 
@@ -203,14 +204,23 @@ def adapter_dir(cache_dir: Path, task: TaskData, recipe: Recipe, seed: int) -> P
     return Path(cache_dir) / "demo" / recipe.model / f"{task.name}-{cache_key(task, recipe, seed)}"
 
 
+#: Backbone name -> its trainer ``(path, train, recipe, seed, progress, cache)``, lazily.
+TRAINERS = {"minilm": "starmerge.eval.demo_train:_train_into",
+            "gemma-270m": "starmerge.eval.demo_decoder:train_into"}  # fmt: skip
+
+
 def get_adapter(
     cache_dir: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool = True
 ) -> TaskAdapter:
     """Load the cached adapter for ``train``, training and caching it first when missing."""
+    import importlib
+
     path = adapter_dir(cache_dir, train, recipe, seed)
     fresh = not (path / "meta.json").is_file()
     if fresh:
-        _train_into(path, train, recipe, seed, progress)
+        module, name = TRAINERS[recipe.model].split(":")
+        trainer = getattr(importlib.import_module(module), name)
+        trainer(path, train, recipe, seed, progress, Path(cache_dir))
     adapter = load_adapter(path)
     adapter.meta["fresh"] = fresh  # trained by this call (not written to the cache)
     return adapter
@@ -224,19 +234,45 @@ def load_adapter(path: Path) -> TaskAdapter:
 
     lora = read_lora(path / "adapter")  # the same reader as `starmerge merge`
     deltas: dict[str, Delta] = {key: lora.get(key) for key in lora.keys()}
-    head = load_file(str(path / "head.safetensors"))
+    head = (
+        load_file(str(path / "head.safetensors")) if (path / "head.safetensors").is_file() else {}
+    )
     meta = json.loads((path / "meta.json").read_text())
-    return TaskAdapter(meta["task"], deltas, head["weight"], head["bias"], path, meta)
+    return TaskAdapter(meta["task"], deltas, head.get("weight"), head.get("bias"), path, meta)
+
+
+def write_adapter_dir(path: Path, model: Any, meta: dict[str, Any],
+                      head: torch.nn.Linear | None = None) -> None:  # fmt: skip
+    """Write a PEFT adapter (+ head) and ``meta.json`` to a temporary dir, renamed to ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp / "adapter"))
+        if head is not None:
+            weights = {"weight": head.weight.detach(), "bias": head.bias.detach()}
+            save_file(
+                {k: v.contiguous() for k, v in weights.items()}, str(tmp / "head.safetensors")
+            )
+        (tmp / "meta.json").write_text(
+            json.dumps({**meta, "cache_version": CACHE_VERSION}, indent=2)
+        )
+        if path.exists():  # a stale copy
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _seed_for(task: str, seed: int) -> int:
     return int(hashlib.sha256(f"{task}:{seed}".encode()).hexdigest()[:8], 16)
 
 
-def _train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool) -> None:
+def _train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
+                cache: Path | None = None) -> None:  # fmt: skip
     """Train LoRA + head on ``train`` and write the adapter dir atomically to ``path``."""
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
 
     tokenizer, encoder = load_backbone(recipe.model)
     torch.manual_seed(_seed_for(train.name, seed))
@@ -251,22 +287,16 @@ def _train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress
     bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
     start = time.perf_counter()
     loss = _fit(model, head, ids["input_ids"], torch.tensor(train.labels), recipe, generator, bar)
-    meta = {"task": train.name, "label_names": list(train.label_names), "n_train": len(train),
+    write_adapter_dir(path, model, train_meta(train, recipe, seed, start, loss), head)
+
+
+def train_meta(train: TaskData, recipe: Recipe, seed: int, start: float,
+               loss: float) -> dict[str, Any]:  # fmt: skip
+    """What ``meta.json`` records about a training run."""
+    return {"task": train.name, "label_names": list(train.label_names), "n_train": len(train),
             "recipe": asdict(recipe), "seed": seed, "source": train.source,
-            "train_seconds": round(time.perf_counter() - start, 2), "final_loss": round(loss, 4),
-            "cache_version": CACHE_VERSION}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        model.save_pretrained(str(tmp / "adapter"))
-        weights = {"weight": head.weight.detach(), "bias": head.bias.detach()}
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "head.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():  # a stale copy
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            "train_seconds": round(time.perf_counter() - start, 2),
+            "final_loss": round(loss, 4)}  # fmt: skip
 
 
 def _fit(model: torch.nn.Module, head: torch.nn.Linear, ids: list[list[int]], labels: Tensor,

