@@ -80,11 +80,20 @@ def _regroup(owners: list[int], scores: list[float], n: int) -> list[list[float]
     return out
 
 
-def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, n_new: int, pad: int):
-    """Greedy ``generate`` on the model's device; the output ids on CPU."""
+def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, n_new: int, pad: int,
+            stop: Sequence[int] = ()):  # fmt: skip
+    """Greedy ``generate`` on the model's device; the output ids on CPU.
+
+    ``stop``: token ids that end a sequence besides the model's own EOS.
+    """
     ids, mask = ids.to(model.device), mask.to(model.device)
+    extra = {}
+    if stop:
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        extra["eos_token_id"] = [*eos, *stop]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                         do_sample=False, num_beams=1, pad_token_id=pad)  # fmt: skip
+                         do_sample=False, num_beams=1, pad_token_id=pad, **extra)  # fmt: skip
     return out.cpu()
 
 
@@ -105,6 +114,8 @@ class CausalLMBackend:
             (``add_generation_prompt=True``).
         template_kwargs: Extra chat-template variables, e.g. ``{"date_string": "26 Jul 2024"}``
             to pin Llama-3's date line.
+        stop_token_ids: Token ids that end a generation besides the EOS (e.g. a newline's,
+            when only the first line is read).
 
     Example:
         >>> backend = CausalLMBackend(model, tokenizer, batch_size=4)  # doctest: +SKIP
@@ -119,8 +130,10 @@ class CausalLMBackend:
         batch_size: int = 8,
         chat_template: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        stop_token_ids: Sequence[int] = (),
     ):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.stop = tuple(stop_token_ids)
         self.chat_template, self.template_kwargs = chat_template, dict(template_kwargs or {})
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
@@ -210,7 +223,7 @@ class CausalLMBackend:
         out = [""] * len(prompts)
         for batch in _batches([len(e) for e in encoded], self.batch_size):
             ids, mask = _pad([encoded[i] for i in batch], _pad_id(self.tokenizer), left=True)
-            gen = _greedy(self.model, ids, mask, max_new_tokens, _pad_id(self.tokenizer))
+            gen = _greedy(self.model, ids, mask, max_new_tokens, _pad_id(self.tokenizer), self.stop)
             new = gen[:, ids.shape[1] :]  # only the new tokens
             for b, i in enumerate(batch):
                 out[i] = self.tokenizer.decode(new[b], skip_special_tokens=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from starmerge.errors import StarmergeError
 from starmerge.eval.assets import TaskData, default_tasks, load_task
-from starmerge.eval.demo_data import DemoStatistics, write_outputs
+from starmerge.eval.demo_data import write_outputs
 from starmerge.eval.demo_encoder import make_tier
 from starmerge.eval.demo_train import (
     Recipe,
@@ -151,8 +151,7 @@ class _Demo:
         self.data_used: dict[str, dict[str, Any]] = {}
         self.tier = make_tier(recipe, adapters, cache)
         # Statistics for the data methods, from n_stats of each task's *training* items.
-        self.stats = DemoStatistics(self.tier.module, self.tier.tokenizer, adapters, train, cache,
-                                    n_stats, seed, recipe.max_length, recipe.model)  # fmt: skip
+        self.stats = self.tier.statistics(adapters, train, cache, n_stats, seed, recipe)
         # Sorted by length so that batches pad little; this order is the test set's order.
         self.tests, self.test_keys, how = {}, {}, sorted(asdict(recipe).items())
         for task, test in tests.items():

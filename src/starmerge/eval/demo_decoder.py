@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from starmerge.eval import gemma
 from starmerge.eval.assets import TaskData
 from starmerge.eval.backends import CausalLMBackend
 from starmerge.eval.decoder_tasks import MAX_NEW_TOKENS, Prompter, check_first_tokens, first_line
-from starmerge.eval.demo_train import Recipe, _seed_for, train_meta, write_adapter_dir
+from starmerge.eval.demo_data import BATCH_SIZE, DemoStatistics
+from starmerge.eval.demo_train import (
+    Recipe,
+    TaskAdapter,
+    _seed_for,
+    applied,
+    train_meta,
+    write_adapter_dir,
+)
 from starmerge.eval.metrics import normalize_answer
 
 SUITE = "demo-gemma-270m"
@@ -65,7 +74,7 @@ def answer_batch(items: list[tuple[list[int], list[int]]], pad: int) -> dict[str
 
 def answer_loss(model: torch.nn.Module, batch: Mapping[str, Tensor],
                 reduction: str = "mean") -> Tensor:  # fmt: skip
-    """Cross-entropy of the target tokens (``reduction="none"``: one value per item, summed)."""
+    """Cross-entropy of the target tokens: their mean, or (``"none"``) each item's token mean."""
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     picked = hidden.last_hidden_state[batch["rows"], batch["cols"]]  # (N, H)
     logits = model.lm_head(picked).float()  # (N, V): only the answer positions
@@ -75,8 +84,9 @@ def answer_loss(model: torch.nn.Module, batch: Mapping[str, Tensor],
     if reduction == "mean":
         return F.cross_entropy(logits, batch["targets"])
     per_token = F.cross_entropy(logits, batch["targets"], reduction="none")
-    n = len(batch["input_ids"])
-    return torch.zeros(n, dtype=per_token.dtype).index_add(0, batch["rows"], per_token)
+    n, rows = len(batch["input_ids"]), batch["rows"]
+    sums = torch.zeros(n, dtype=per_token.dtype).index_add(0, rows, per_token)
+    return sums / torch.bincount(rows, minlength=n).clamp(min=1)
 
 
 def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
@@ -131,7 +141,20 @@ class DecoderTier:
     def __init__(self, recipe: Recipe, cache: Path):
         self.tokenizer, self.module = gemma.load(cache)
         self.prompter = Prompter(self.tokenizer, recipe.max_length)
-        self.backend = CausalLMBackend(self.module, self.tokenizer, batch_size=EVAL_BATCH)
+        # Answers are one line: stop at the first newline token ("\n" and "\n\n" are two).
+        encode = self.tokenizer
+        newlines = {i for n in ("\n", "\n\n", "\n\n\n")
+                    for i in encode(n, add_special_tokens=False)["input_ids"][-1:]}  # fmt: skip
+        self.backend = CausalLMBackend(self.module, self.tokenizer, batch_size=EVAL_BATCH,
+                                       stop_token_ids=sorted(newlines))  # fmt: skip
+
+    def statistics(self, adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData],
+                   cache: Path, n: int, seed: int, recipe: Recipe) -> DemoStatistics:  # fmt: skip
+        """The data methods' statistics on this model (answer-position loss)."""
+        stats = DecoderStatistics(self.module, self.tokenizer, adapters, train, cache, n, seed,
+                                  recipe.max_length, recipe.model)  # fmt: skip
+        stats.tier = self
+        return stats
 
     def metric(self, task: TaskData) -> str:
         """The task's metric name."""
@@ -159,3 +182,28 @@ class DecoderTier:
         if test.generation:
             return int(normalize_answer(pred) == normalize_answer(gold)), pred
         return int(pred == test.labels[index]), test.label_names[pred]
+
+
+class DecoderStatistics(DemoStatistics):
+    """The demo's statistics with the decoder's loss: the answer tokens' cross-entropy."""
+
+    tier: DecoderTier
+
+    def _collect(self, task: str, items: list[int], kinds: Sequence[str], sink: Any) -> int:
+        """Run the collector on base + ``task``'s adapter; return the peak bytes."""
+        from starmerge.stats import ByteCounter, collect_statistics
+        from starmerge.stats.hf import make_mask_fn
+
+        adapter = self.adapters[task]
+        subset = self.train[task].subset(items)
+        encoded = encode_items(self.tier.backend, self.tier.prompter, subset)
+        pad = self.tokenizer.pad_token_id
+        batches = [answer_batch(encoded[s : s + BATCH_SIZE], pad)
+                   for s in range(0, len(encoded), BATCH_SIZE)]  # fmt: skip
+        modules = [k.removesuffix(".weight") for k in adapter.deltas]
+        counter = ByteCounter()
+        with applied(self.encoder, adapter.deltas):
+            collect_statistics(self.encoder, batches, partial(answer_loss, reduction="none"),
+                               modules, kinds, mask_fn=make_mask_fn("causal"), sink=sink,
+                               counter=counter)  # fmt: skip
+        return counter.peak

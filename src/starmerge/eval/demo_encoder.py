@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from starmerge.eval.assets import MODEL_PACKAGE, TaskData
+from starmerge.eval.demo_data import DemoStatistics
 from starmerge.eval.demo_train import Recipe, TaskAdapter, load_backbone
 
 SUITE = "demo-minilm"
@@ -41,6 +42,12 @@ class EncoderTier:
             heads[task] = head.eval()
         self.backend = ClassifierHeadBackend(self.module, heads, self.tokenizer, batch_size=128,
                                              max_length=recipe.max_length)  # fmt: skip
+
+    def statistics(self, adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData],
+                   cache: Path, n: int, seed: int, recipe: Recipe) -> DemoStatistics:  # fmt: skip
+        """The data methods' statistics on this model (each task's head and labels)."""
+        return DemoStatistics(self.module, self.tokenizer, adapters, train, cache, n, seed,
+                              recipe.max_length, recipe.model)  # fmt: skip
 
     def metric(self, task: TaskData) -> str:
         """The task's metric name."""
