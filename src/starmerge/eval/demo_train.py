@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from starmerge.errors import InputError, StarmergeError
 from starmerge.eval.assets import TaskData, model_path
+from starmerge.eval.demo_env import quiet_transformers
 from starmerge.tensors.delta import Delta
 
 CACHE_VERSION = 1  # bump when the training code changes what a recipe produces
@@ -72,38 +72,6 @@ class TaskAdapter:
     head_bias: Tensor | None  # (n_labels,)
     path: Path
     meta: dict[str, Any]
-
-
-def quiet_transformers() -> None:
-    """Offline mode and no hub or weight-loading chatter: the demo never downloads."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def cpu_threads() -> Iterator[int]:
-    """Set torch's CPU threads for the demo; restore the previous count on exit.
-
-    ``$STARMERGE_THREADS`` wins. Otherwise torch's default, or fewer when other work keeps the
-    cores busy (1-minute load average near the core count; the set-up that ran just before, such
-    as ``pip install``, must not count): threads that share a core wait for each other at every
-    op, and on a busy 2-core VM two threads ran 2-5x slower than one.
-    """
-    previous = torch.get_num_threads()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    busy = load >= cores - 0.5
-    free = max(1, min(previous, round(cores - load))) if busy else previous
-    wanted = int(os.environ.get("STARMERGE_THREADS") or 0) or free
-    torch.set_num_threads(wanted)
-    try:
-        yield wanted
-    finally:
-        torch.set_num_threads(previous)
 
 
 def load_backbone(model: str = "minilm") -> tuple[Any, torch.nn.Module]:
@@ -165,12 +133,6 @@ def applied(encoder: torch.nn.Module, deltas: Mapping[str, Delta]) -> Iterator[N
         with torch.no_grad():
             for key, value in saved.items():
                 params[key].copy_(value)
-
-
-def default_cache_dir() -> Path:
-    """``$STARMERGE_CACHE``, else ``~/.cache/starmerge``."""
-    env = os.environ.get("STARMERGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "starmerge"
 
 
 def split_task(data: TaskData, n_train: int, n_test: int, seed: int) -> tuple[TaskData, TaskData]:

