@@ -45,3 +45,30 @@ def test_markdown_table():
 def test_row_label_does_not_repeat_parameters_in_name():
     assert row_label({"name": "star-eta=40", "parameters": {"eta": 40}}) == "star-eta=40"
     assert row_label({"name": "base"}) == "base"
+
+
+def test_cost_table_puts_data_methods_beside_data_free_ones():
+    from starmerge.report.costs import cost_cells, render_costs
+
+    results = {
+        "rows": [{"name": "base", "scores": {}}, {"name": "individual", "scores": {}},
+                 {"name": "star", "normalized": 91.25}, {"name": "regmean", "normalized": 95.0},
+                 {"name": "mats", "normalized": None}],
+        "data_used": {"star": {"data": "none"},
+                      "regmean": {"data": "32 training items per task", "split": "train",
+                                  "n": 32, "kinds": ["gram_in"]},
+                      "mats": {"data": "32 training items per task", "split": "train", "n": 32,
+                               "kinds": ["gram_in"], "seconds": 4.25}},
+        "timing": {"merge_s": {"star": 0.5, "regmean": 1.25, "mats": 3.0},
+                   "merge_peak_bytes": {"star": 3 * 2**20, "regmean": 10 * 2**20},
+                   "stats_s": {"gram_in": 12.5}},
+    }  # fmt: skip
+    lines = cost_cells(results)
+    assert lines[1:] == [
+        ["star", "none", "-", "0.50", "3", "91.2"],
+        ["regmean", "32 train items (gram_in)", "12.5", "1.25", "10", "95.0"],
+        ["mats", "32 train items (gram_in)", "4.2", "3.00", "-", "-"],
+    ]
+    text = render_costs(results).splitlines()
+    assert text[0].startswith("Merge") and len(text) == 5  # header, rule, 3 merges
+    assert render_costs({"rows": []}) == ""

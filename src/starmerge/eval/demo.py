@@ -130,6 +130,7 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
         data["timing"] = {"train_s": round(trained - start, 2),
                           "eval_s": round(now - trained, 2), "total_s": round(now - start, 2),
                           "threads": threads, "merge_s": demo.merge_s,
+                          "merge_peak_bytes": demo.merge_peak_bytes,
                           "stats_s": demo.stats.seconds, "stats_peak_bytes": demo.stats.peak_bytes,
                           "trained": [t for t in names if adapters[t].meta["fresh"]]}  # fmt: skip
     stem = f"{demo.tier.suite}-{results.run_id()}"
@@ -147,6 +148,7 @@ class _Demo:
         self.skipped: list[str] = []
         self.failed: dict[str, str] = {}
         self.merge_s: dict[str, float] = {}
+        self.merge_peak_bytes: dict[str, int] = {}
         self.data_used: dict[str, dict[str, Any]] = {}
         self.tier = make_tier(recipe, adapters, cache)
         # Statistics for the data methods, from n_stats of each task's *training* items.
@@ -189,12 +191,24 @@ class _Demo:
                     os.replace(tmp, paths[task])
         return {t: json.loads(paths[t].read_text()) for t in tasks}
 
-    def merge(self, method: str, tasks: Sequence[str], params: Mapping[str, Any]):
-        """The merged delta of ``tasks``' adapters (``starmerge.api.merge_deltas``)."""
+    def merge(self, method: str, tasks: Sequence[str], params: Mapping[str, Any],
+              row: str | None = None):  # fmt: skip
+        """The merged delta of ``tasks``' adapters (``starmerge.api.merge_deltas``).
+
+        With ``row``, the merge's own time and peak memory above the start (statistics are
+        collected first, outside both) go to ``merge_s`` and ``merge_peak_bytes``.
+        """
         from starmerge.api import merge_deltas
+        from starmerge.memory import PeakMemory, rss_anon_bytes
 
         params = self.stats.complete(method, tasks, params)  # + statistics, when needed
-        return merge_deltas(method, [self.adapters[t].deltas for t in tasks], params).deltas
+        start, at_start = time.perf_counter(), rss_anon_bytes() or 0
+        with PeakMemory() as memory:
+            merged = merge_deltas(method, [self.adapters[t].deltas for t in tasks], params)
+        if row is not None:
+            self.merge_s[row] = round(time.perf_counter() - start, 3)
+            self.merge_peak_bytes[row] = max(0, memory.peak - at_start)
+        return merged.deltas
 
     def plan(self, methods: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
         """(row name, method, parameters) per merge; skipped: data the demo cannot provide."""
@@ -237,12 +251,8 @@ class _Demo:
         add("individual", {t: self.score(self.adapters[t].deltas, [t])[t] for t in names})
         for row, method, params in plan:
             bar.set_postfix_str(row)
-            before = sum(self.stats.seconds.values())
             try:
-                start = time.perf_counter()
-                merged = self.merge(method, names, params)  # statistics: not in the merge time
-                stats_s = sum(self.stats.seconds.values())
-                self.merge_s[row] = round(time.perf_counter() - start - stats_s + before, 3)
+                merged = self.merge(method, names, params, row)
                 self.data_used[row] = self.stats.used(method, params)
                 add(row, self.score(merged, names), method, params)
             except (StarmergeError, NotImplementedError, ValueError, RuntimeError) as err:

@@ -69,7 +69,11 @@ def render_table(results: Mapping[str, Any], *, per_task: bool = True) -> str:
         ----------  ----  ----  ----------  ------
         individual  90.0  90.0       100.0       -
     """
-    lines = table_cells(results, per_task)
+    return aligned(table_cells(results, per_task))
+
+
+def aligned(lines: list[list[str]]) -> str:
+    """Header, rule and rows as aligned text: the first column left, the others right."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
     def fmt(cells: list[str]) -> str:
