@@ -51,6 +51,12 @@ def _common(fn: Any) -> Any:
         click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                      help="Local mirror of the hub datasets: "
                           "DIR/<hub id>/<config|default>/<split>.jsonl"),
+        click.option("--stats-dir", type=click.Path(path_type=Path), default=None,
+                     help="Statistics cache of the data-driven methods (default: "
+                          "$STARMERGE_CACHE/stats or ~/.cache/starmerge/stats)."),
+        click.option("--stats-memory", default="4GB", show_default=True,
+                     help="Memory the statistics accumulators may take at once (on the device); "
+                          "layers are collected in groups that fit."),
         click.option("--dry-run", is_flag=True,
                      help="List jobs, models, datasets, predicted memory and downloads; "
                           "run nothing."),
@@ -61,11 +67,29 @@ def _common(fn: Any) -> Any:
     return fn
 
 
-def _runtime(device: str, batch_size: int | None, data_dir: Path | None, quiet: bool) -> Any:
+def _runtime(device: str, batch_size: int | None, data_dir: Path | None, stats_dir: Path | None,
+             stats_memory: str, quiet: bool) -> Any:  # fmt: skip
+    from starmerge.io.writer import parse_size
     from starmerge.sweep.jobs import Runtime
 
+    parse_size(stats_memory)  # a bad size fails here, before any job
     return Runtime(device=device, batch_size=batch_size,
-                   data_dir=str(data_dir) if data_dir else None, progress=not quiet)  # fmt: skip
+                   data_dir=str(data_dir) if data_dir else None, progress=not quiet,
+                   stats_dir=str(stats_dir) if stats_dir else None,
+                   stats_memory=stats_memory)  # fmt: skip
+
+
+def _data(values: tuple[str, ...]) -> Any:
+    """``--data n_examples=64`` -> ``DataOptions(n_examples=64)`` (values parsed as YAML)."""
+    from starmerge.sweep.jobs import DataOptions
+
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--data must look like name=value, got {item!r}"])
+        out[key.strip()] = yaml.safe_load(raw)
+    return DataOptions.from_mapping(out)
 
 
 @click.command()
@@ -89,12 +113,15 @@ def _runtime(device: str, batch_size: int | None, data_dir: Path | None, quiet: 
     help="Full checkpoints: task vector on the q/v weights (seed) or all changed ones.",
 )
 @click.option("--limit", type=int, default=None, help="At most N examples per task (quick runs).")
+@click.option("--data", "data", multiple=True, help="Training data of the data-driven methods: "
+              "n_examples=32, seed=0, batch_size=8, max_length=512.")  # fmt: skip
 @_common
 def reproduce(suite: str, tasks: tuple[str, ...], methods: tuple[str, ...],
               params: tuple[str, ...], dtype: str | None, full_keys: str, limit: int | None,
-              out_dir: Path | None, executor: str, address: str | None,
+              data: tuple[str, ...], out_dir: Path | None, executor: str, address: str | None,
               gpus_per_job: float | None, device: str, batch_size: int | None,
-              data_dir: Path | None, dry_run: bool, quiet: bool) -> None:  # fmt: skip
+              data_dir: Path | None, stats_dir: Path | None, stats_memory: str,
+              dry_run: bool, quiet: bool) -> None:  # fmt: skip
     """Reproduce a STAR paper table: base, individual, and each method.
 
     SUITE: flan-t5-large, llama-3.2-3b-instruct, mistral-7b-instruct, or a suite file.
@@ -107,8 +134,9 @@ def reproduce(suite: str, tasks: tuple[str, ...], methods: tuple[str, ...],
     run(
         suite, out_dir or Path("results/reproduce") / name, tasks=_split(tasks) or None,
         methods=_split(methods) or list(DEFAULT_METHODS), params=_params(params),
-        options=RunOptions(dtype=dtype, full_keys=full_keys, limit=limit),
-        runtime=_runtime(device, batch_size, data_dir, quiet), executor=executor,
+        options=RunOptions(dtype=dtype, full_keys=full_keys, limit=limit), data=_data(data),
+        runtime=_runtime(device, batch_size, data_dir, stats_dir, stats_memory, quiet),
+        executor=executor,
         address=address, gpus_per_job=gpus_per_job, dry_run=dry_run, echo=click.echo,
     )  # fmt: skip
 
@@ -118,12 +146,14 @@ def reproduce(suite: str, tasks: tuple[str, ...], methods: tuple[str, ...],
 @_common
 def sweep(sweep_file: Path, out_dir: Path | None, executor: str, address: str | None,
           gpus_per_job: float | None, device: str, batch_size: int | None,
-          data_dir: Path | None, dry_run: bool, quiet: bool) -> None:  # fmt: skip
+          data_dir: Path | None, stats_dir: Path | None, stats_memory: str, dry_run: bool,
+          quiet: bool) -> None:  # fmt: skip
     """Run SWEEP_FILE: methods x parameters x task subsets, each a merge plus an evaluation."""
     from starmerge.sweep import load_sweep, run_sweep
 
     run_sweep(
         load_sweep(sweep_file), out_dir or Path("results/sweep") / sweep_file.stem,
-        _runtime(device, batch_size, data_dir, quiet), executor=executor, address=address,
+        _runtime(device, batch_size, data_dir, stats_dir, stats_memory, quiet), executor=executor,
+        address=address,
         gpus_per_job=gpus_per_job, dry_run=dry_run, echo=click.echo,
     )  # fmt: skip

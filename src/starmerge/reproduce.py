@@ -6,7 +6,9 @@ seed's hyperparameters are the methods' defaults: STAR eta=40, TIES density 0.2 
 TALL-masks lambda=alpha=0.4, MetaGPT, simple averaging), evaluates the merges, and writes one
 results file and one Markdown table per task set, in the seed README's layout with the seed's
 own numbers beside ours. Everything goes through the sweep machinery: results are stored per job
-under ``OUT/jobs`` and a re-run (or a later sweep into the same directory) reuses them.
+under ``OUT/jobs`` and a re-run (or a later sweep into the same directory) reuses them. The
+data-driven methods (``--methods mats,fisher_merging,regmean``) collect their statistics from each
+task's training rows (``starmerge.sweep.data``), cached across runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from starmerge.errors import ConfigError
 from starmerge.suites import Suite, load_suite
 from starmerge.sweep.collate import ordered_tasks, seed_markdown
-from starmerge.sweep.jobs import Job, RunOptions, Runtime, bound_jobs, merge_job
+from starmerge.sweep.jobs import DataOptions, Job, RunOptions, Runtime, bound_jobs, merge_job
 from starmerge.sweep.run import Echo, Outcome, execute, set_name, write_results
 from starmerge.sweep.store import ResultsStore
 
@@ -49,14 +51,20 @@ def reproduce_jobs(
     sets: Sequence[Sequence[str]],
     methods: Sequence[str] = DEFAULT_METHODS,
     params: Mapping[str, Mapping[str, Any]] | None = None,
+    data: DataOptions | None = None,
 ) -> list[Job]:
-    """Bounds on every task used, plus each method on each set (of two or more tasks)."""
+    """Bounds on every task used, plus each method on each set (of two or more tasks).
+
+    Data-driven methods (``mats``, ``fisher_merging``, ``regmean``, ``localize_stitch`` with
+    ``mode: trained``) draw ``data`` (default :class:`DataOptions`) from each task's training rows.
+    """
     params = params or {}
     unknown = [m for m in params if m not in methods]
     if unknown:
         raise ConfigError([f"parameters given for method(s) {unknown} that are not run"])
     used = ordered_tasks(suite, [t for s in sets for t in s])
-    merges = [merge_job(m, params.get(m, {}), s) for s in sets if len(s) >= 2 for m in methods]
+    merges = [merge_job(m, params.get(m, {}), s, data)
+              for s in sets if len(s) >= 2 for m in methods]  # fmt: skip
     return bound_jobs(used) + merges
 
 
@@ -68,6 +76,7 @@ def reproduce(
     methods: Sequence[str] = DEFAULT_METHODS,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     options: RunOptions | None = None,
+    data: DataOptions | None = None,
     runtime: Runtime | None = None,
     executor: str = "local",
     address: str | None = None,
@@ -84,6 +93,7 @@ def reproduce(
         methods: Merge methods (registry names).
         params: Per-method parameter overrides (``{"star": {"eta": 20}}``).
         options: Options that change results (dtype, full_keys, limit); default: the suite's.
+        data: Training examples per task for the data-driven methods (default: 32, seed 0).
         runtime: Device, batch size, data mirror; default: ``Runtime()``.
         executor: ``local`` or ``ray``.
         address: Ray cluster address.
@@ -99,7 +109,7 @@ def reproduce(
     """
     suite = load_suite(suite_ref)
     sets = task_sets(suite, tasks)
-    jobs = reproduce_jobs(suite, sets, methods, params)
+    jobs = reproduce_jobs(suite, sets, methods, params, data)
     out_dir = Path(out_dir)
     store = ResultsStore(out_dir)
     options = options or RunOptions()

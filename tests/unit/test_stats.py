@@ -226,3 +226,26 @@ def test_hf_causal_lm_statistics_do_not_depend_on_padding(llama, tmp_path):
     key = "model.layers.1.mlp.down_proj.weight::fisher"
     assert torch.equal(true_a[key], true_b[key])  # sampled labels are seeded
     assert not torch.allclose(true_a[key], batched[key])
+
+
+def test_cache_entry_written_twice_keeps_the_first(tmp_path, monkeypatch):
+    """Two processes finishing the same entry (Ray workers): the second keeps the first's."""
+    import os
+
+    from starmerge.stats import cache
+
+    first = torch.ones(2)
+    with StatsWriter(tmp_path, "k", {"n": 1}) as writer:
+        writer({"m::gram_in": first})
+    late = StatsWriter(tmp_path, "k", {"n": 2})
+    late({"m::gram_in": torch.zeros(2)})
+    real_exists = type(late.final).exists
+
+    def looks_free(path):  # the entry did not exist when checked, then the other run won
+        return False if path == late.final else real_exists(path)
+
+    monkeypatch.setattr(type(late.final), "exists", looks_free)
+    assert late.close() == tmp_path / "k"
+    monkeypatch.undo()
+    assert torch.equal(StatsFile(tmp_path / "k").get("m::gram_in"), first)
+    assert sorted(os.listdir(tmp_path)) == ["k"] and cache.entry_path(tmp_path, "k")

@@ -15,6 +15,7 @@ from starmerge.errors import ConfigError
 from starmerge.reproduce import reproduce, reproduce_jobs, task_sets
 from starmerge.suites import load_suite
 from starmerge.sweep import (
+    DataOptions,
     Job,
     ResultsStore,
     RunOptions,
@@ -212,3 +213,72 @@ def test_text_scorers_get_confidence_intervals():
     base = data["rows"][0]
     assert data["tasks"]["qasc"]["metric"] == "token_f1" and base["ci"] is not None
     assert base["normalized"] == pytest.approx(100 * (0.5 + 0.375 / 0.875) / 2)
+
+
+def test_only_data_driven_merges_carry_data_and_their_keys_depend_on_it(flan):
+    tasks = ["mnli", "qqp"]
+    star = merge_job("star", {}, tasks)
+    assert star.data is None and "data" not in star.to_dict()  # data-free keys are unchanged
+    assert merge_job("star", {}, tasks, DataOptions(n_examples=5)) == star
+    assert merge_job("mats", {"objective": "average"}, tasks).data is None
+    assert merge_job("localize_stitch", {}, tasks).data is None  # dataless
+    trained = merge_job("localize_stitch", {"mode": "trained"}, tasks)
+    assert trained.data == {"n_examples": 32, "seed": 0, "batch_size": 8, "max_length": 512}
+    regmean = merge_job("regmean", {}, tasks)
+    assert "statistics" not in regmean.params and Job.from_dict(regmean.to_dict()) == regmean
+    assert regmean.label == "regmean(shrinkage=0.9) on 2 tasks, 32 examples per task"
+    keys = {job_key(flan, merge_job("regmean", {}, tasks, DataOptions(**kw)), RunOptions())
+            for kw in ({}, {"n_examples": 64}, {"seed": 1}, {"max_length": 128})}  # fmt: skip
+    assert len(keys) == 4
+    with pytest.raises(ConfigError, match="statistics are collected from the suite's training"):
+        merge_job("regmean", {"statistics": ["a", "b"]}, tasks)
+
+
+def test_data_options_and_sweep_data_errors_are_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        DataOptions.from_mapping({"n_exampels": 3, "seed": -1, "batch_size": 0})
+    assert err.value.problems == [
+        "unknown key data.n_exampels. Did you mean: n_examples? Allowed: n_examples, seed, "
+        "batch_size, max_length",
+        "data.seed must be an integer >= 0, got -1",
+        "data.batch_size must be an integer >= 1, got 0",
+    ]
+    with pytest.raises(ConfigError) as err:
+        sweep_from_dict({"suite": "flan-t5-large", "methods": {"regmean": {}, "stars": {}},
+                         "tasks": {"sets": [["mnli", "qqp"]]},
+                         "data": {"n_examples": 0}})  # fmt: skip
+    assert "data.n_examples must be an integer >= 1, got 0" in str(err.value)
+    assert "stars" in str(err.value)
+    sweep = sweep_from_dict({"suite": "flan-t5-large", "methods": {"regmean": {}, "star": {}},
+                             "tasks": {"sets": [["mnli", "qqp"]]},
+                             "data": {"n_examples": 16}})  # fmt: skip
+    data = {job.method: job.data for job in sweep.jobs if job.kind == "merge"}
+    assert data["regmean"]["n_examples"] == 16 and data["star"] is None
+
+
+def test_suites_declare_training_splits_apart_from_the_evaluated_rows():
+    from starmerge.suites.training import train_spec
+
+    for name in ("flan-t5-large", "llama-3.2-3b-instruct", "mistral-7b-instruct"):
+        suite = load_suite(name)
+        for task in suite.tasks.values():
+            spec = train_spec(task.spec(), task.train)
+            evaluated = task.spec().source
+            same = (spec.source.path, spec.source.config, spec.source.split) == (
+                evaluated.path, evaluated.config, evaluated.split)  # fmt: skip
+            assert not same or spec.metadata["transform"] == "seed_train_split", task.name
+    flan = load_suite("flan-t5-large")
+    mnli = train_spec(flan.task("mnli").spec(), flan.task("mnli").train).source
+    assert (mnli.config, mnli.split) == ("mnli", "train")  # mnli_matched has no train split
+
+
+def test_dry_run_lists_the_training_data_of_data_driven_merges(tmp_path):
+    lines: list[str] = []
+    reproduce("flan-t5-large", tmp_path / "out", tasks=["mnli", "finance"],
+              methods=["regmean", "star"], dry_run=True, echo=lines.append)  # fmt: skip
+    text = "\n".join(lines)
+    assert "regmean(shrinkage=0.9) on 2 tasks, 32 examples per task" in text
+    assert "training data of the data-driven merges (2 tasks, 32 examples per task" in text
+    assert "  mnli: nyu-mll/glue (mnli) [train]" in text
+    assert "  finance: takala/financial_phrasebank (sentences_allagree) [train], transform " \
+           "seed_train_split" in text  # fmt: skip

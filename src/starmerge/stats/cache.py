@@ -83,8 +83,13 @@ class StatsWriter:
         (self.tmp / INDEX).write_text(json.dumps(index, indent=1, default=str) + "\n")
         if self.final.exists():  # written meanwhile by another run: keep that one
             shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
+            return self.final
+        try:
             os.replace(self.tmp, self.final)
+        except OSError:  # another process (a Ray worker) renamed its copy in just before
+            if not (self.final / INDEX).is_file():
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return self.final
 
     def abort(self) -> None:

@@ -5,6 +5,10 @@ draws ``data.n_examples`` examples from the task's file, runs the base model wit
 adapter (or the fine-tuned model) and collects the statistics the method asks for (or trains
 Localize-and-Stitch masks), caching them by a hash of the model files, the examples and the
 settings; then it sets ``plan.params["statistics"]`` to the per-task cache entries.
+
+:func:`collect_into` and :func:`train_into` are the per-task steps; sweeps and reproductions over
+the seed suites call them too (``starmerge.sweep.data``), with examples from each suite task's
+training rows.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from starmerge.errors import ConfigError
 from starmerge.stats.cache import FORMAT, StatsWriter, cache_key, default_cache_dir, entry_path
@@ -98,20 +103,25 @@ def _examples(data: Any, i: int) -> tuple[Any, list[Any]]:
     return spec, spec.examples()
 
 
+def examples_digest(batches: list) -> str:
+    """sha256 of the tokenized batches (input ids, attention masks, labels)."""
+    digest = hashlib.sha256()
+    for b in batches:
+        for name in ("input_ids", "attention_mask", "labels"):
+            digest.update(json.dumps(b[name].tolist()).encode())
+    return digest.hexdigest()
+
+
 def _fields(
     plan: Any, task: Any, request: DataRequest, data: Any, kind: str, base: dict, batches: list
 ) -> dict[str, Any]:
     """Everything the statistics depend on (hashed into the cache key)."""
     from starmerge.io.hashing import hash_files
 
-    digest = hashlib.sha256()
-    for b in batches:
-        for name in ("input_ids", "attention_mask", "labels"):
-            digest.update(json.dumps(b[name].tolist()).encode())
     return {
         "format": FORMAT, "base": sorted(base.values()),
         "task_model": sorted(hash_files(task.source.files).values()),
-        "task_kind": task.spec.kind, "examples": digest.hexdigest(), "model_kind": kind,
+        "task_kind": task.spec.kind, "examples": examples_digest(batches), "model_kind": kind,
         "kinds": sorted(request.kinds), "fisher": request.fisher,
         "masks": dict(request.masks) if request.masks else None,
         "parameters": hashlib.sha256("\n".join(plan.shapes).encode()).hexdigest(),
@@ -119,10 +129,10 @@ def _fields(
     }  # fmt: skip
 
 
-def _modules(plan: Any, model: nn.Module) -> list[str]:
-    """The Linear modules whose weights are merged, in the plan's (layer) order."""
+def linear_modules(keys: Iterable[str], model: nn.Module) -> list[str]:
+    """The ``nn.Linear`` modules whose weights are among ``keys``, in the order of ``keys``."""
     names = []
-    for key in plan.shapes:
+    for key in keys:
         name = key.removesuffix(".weight")
         if key.endswith(".weight") and isinstance(_get(model, name), nn.Linear):
             names.append(name)
@@ -140,30 +150,57 @@ def _collect(
     plan: Any, task: Any, model: nn.Module, batches: list, request: DataRequest, kind: str,
     budget: int, writer: StatsWriter, progress: bool,
 ) -> None:  # fmt: skip
-    """Collect the statistics of one task model into ``writer``.
+    """Collect the statistics of one task model (base + adapter hooks, or the fine-tune)."""
+    modules = linear_modules(plan.shapes, model)
+    deltas = {}
+    if task.spec.kind == "adapter":
+        adapted = [k for k in task.shapes if k.removesuffix(".weight") in modules]
+        deltas = {k: task.source.get(k) for k in adapted}
+    collect_into(writer, model, batches, request, kind, modules, deltas=deltas, budget=budget,
+                 progress=progress)  # fmt: skip
 
-    The output embedding (``lm_head``) gets no output-gradient Gram (vocabulary^2), as in MaTS.
+
+def collect_into(
+    sink: Callable[[dict[str, Tensor]], None], model: nn.Module, batches: list,
+    request: DataRequest, kind: str, modules: Sequence[str], *,
+    deltas: Mapping[str, Any] | None = None, budget: int | None = None, progress: bool = False,
+) -> None:  # fmt: skip
+    """Collect ``request.kinds`` on ``modules`` of one task model and hand them to ``sink``.
+
+    ``model`` is the task's model (the fine-tune, or the base with the task's weights added),
+    or the base with ``deltas`` (``LowRank`` adapter factors) run as forward hooks. The output
+    embedding (``lm_head``) gets no output-gradient Gram (vocabulary^2), as in MaTS.
+
+    Args:
+        sink: Receives each finished group of statistics (a :class:`StatsWriter`).
+        model: An HF model of ``kind``.
+        batches: From :func:`starmerge.stats.hf.build_batches`.
+        request: The statistic kinds and Fisher variant.
+        kind: ``causal_lm``, ``seq2seq`` or ``classifier``.
+        modules: Linear module names, in the order to group them.
+        deltas: Low-rank task deltas run as hooks (None: the model is the task model).
+        budget: Bytes the accumulators of one group may take.
+        progress: Show a progress bar.
+
+    Example:
+        >>> collect_into(writer, model, batches, DataRequest(("gram_in",)), "seq2seq",
+        ...              ["encoder.block.0.layer.0.SelfAttention.q"])  # doctest: +SKIP
     """
     from starmerge.stats import hf
     from starmerge.stats.collect import collect_statistics
 
-    modules = _modules(plan, model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = [n for n in modules if head is not None and _get(model, n) is head]
     groups = [([n for n in modules if n not in heads], set(request.kinds))]
     if heads:
         groups.append((heads, set(request.kinds) - {"gram_out"} or {"gram_in"}))
-    deltas = {}
-    if task.spec.kind == "adapter":
-        adapted = [k for k in task.shapes if k.removesuffix(".weight") in modules]
-        deltas = {k: task.source.get(k) for k in adapted}
     loss_fn, mask_fn = hf.make_loss_fn(kind, request.fisher), hf.make_mask_fn(kind)
-    with hf.lowrank_deltas(model, deltas):
+    with hf.lowrank_deltas(model, deltas or {}):
         for names, kinds in groups:
             if names:
                 collect_statistics(
                     model, batches, loss_fn, names, kinds, mask_fn=mask_fn,
-                    memory_budget=budget, sink=writer, progress=progress,
+                    memory_budget=budget, sink=sink, progress=progress,
                 )  # fmt: skip
 
 
@@ -172,6 +209,28 @@ def _train(
     writer: StatsWriter,
 ) -> None:  # fmt: skip
     """Train one task's Localize-and-Stitch masks on the base model and write them."""
+
+    def tau(key: str) -> Any:
+        return task.source.get(key) if key in task.shapes else None
+
+    train_into(writer, model, batches, request, kind, plan.shapes, tau)
+
+
+def train_into(
+    writer: StatsWriter, model: nn.Module, batches: list, request: DataRequest, kind: str,
+    shapes: Mapping[str, tuple[int, ...]], tau: Callable[[str], Any],
+) -> None:  # fmt: skip
+    """Train one task's Localize-and-Stitch masks on the base ``model`` into ``writer``.
+
+    Args:
+        writer: The cache entry being written (gets ``<key>::mask`` and ``mask_losses``).
+        model: The pretrained (base) model, theta_0.
+        batches: The task's batches.
+        request: ``request.masks`` holds the training settings and ``parameter_set``.
+        kind: The model kind (for the loss).
+        shapes: Every merged parameter key -> shape; masks cover those in P.
+        tau: The task's delta of a key, or None where the task has none (a zero delta).
+    """
     from starmerge.methods.localize_stitch import in_parameter_set
     from starmerge.stats import hf
     from starmerge.stats.masks import train_masks
@@ -179,9 +238,9 @@ def _train(
     settings = dict(request.masks or {})
     pset = settings.pop("parameter_set", "blocks")
     taus = {}
-    for key, shape in plan.shapes.items():
+    for key, shape in shapes.items():
         if in_parameter_set(key, pset):
-            delta = task.source.get(key) if key in task.shapes else None
+            delta = tau(key)
             taus[key] = torch.zeros(shape) if delta is None else delta.to_dense(torch.float32)
     result = train_masks(model, taus, batches, hf.make_loss_fn(kind), **settings)
     writer({f"{k}::mask": m for k, m in result.masks.items()})

@@ -4,7 +4,7 @@ Three model kinds (from the model's config): ``causal_lm`` (prompt + answer in o
 loss on the answer tokens), ``seq2seq`` (prompt to the encoder, answer as decoder labels) and
 ``classifier`` (``*ForSequenceClassification``, label index = position in the task's
 ``label_words``). The answer of an example is its first label word (after the task's
-``target_delimiter``) or its target text.
+``target_delimiter``), its target text, or its number (a numeric label without label words).
 
 Normalisation (stated once, used everywhere): an example's loss is the mean cross-entropy over its
 answer tokens (MaTS's ``average_sequenceLength``); Fishers average over examples; Grams sum over the
@@ -20,7 +20,7 @@ token from the model's softmax (seeded per batch) instead of the dataset's.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,8 @@ def answer_text(spec: Any, example: Any) -> str:
         return spec.target_delimiter + spec.label_words[str(example.label)][0]
     if example.target is not None:
         return spec.target_delimiter + example.target
+    if isinstance(example.label, float):  # a scored number (STS-B): its text, "3.8"
+        return spec.target_delimiter + f"{example.label:g}"
     raise StarmergeError(
         f"task {spec.name!r} has neither label_words nor target_column, so its examples have no "
         "answer to compute gradient statistics or masks on; add one to the task file"
@@ -98,14 +100,19 @@ def _pad(seqs: Sequence[list[int]], value: int) -> Tensor:
 
 def build_batches(
     tokenizer: Any, kind: str, spec: Any, examples: Sequence[Any], batch_size: int,
-    max_length: int, seed: int = 0,
+    max_length: int, seed: int = 0, encode: Callable[[str], list[int]] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Tokenize ``examples`` of task ``spec`` into right-padded batches for ``kind``."""
+    """Tokenize ``examples`` of task ``spec`` into right-padded batches for ``kind``.
+
+    ``encode`` turns a prompt into token ids (default: the tokenizer with its special tokens),
+    e.g. a chat-template renderer for instruction-tuned causal models.
+    """
     pad = _pad_id(tokenizer)
+    encode = encode or (lambda text: tokenizer(text)["input_ids"])
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [tokenizer(e.input)["input_ids"] for e in chunk]
+        prompts = [list(encode(e.input)) for e in chunk]
         batch: dict[str, Any] = {"seed": seed * 1_000_003 + start}
         if kind == "classifier":
             order = list(spec.label_words)

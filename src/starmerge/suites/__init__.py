@@ -3,8 +3,10 @@
 A suite is data: ``suites/<dir>/suite.yaml`` names the base model (hub id or path), how to load it
 (``model_class``: ``seq2seq`` or ``causal``; chat template and its pinned variables), and per task
 the eval task file (harness YAML next to it) and the task model: a PEFT ``adapter`` or a full
-fine-tuned ``model`` (task vector = model - base). ``seed_tables`` hold the STAR seed README's
-published numbers for a task set, so a reproduction can print them beside its own.
+fine-tuned ``model`` (task vector = model - base). ``train`` (per task, over a suite-wide default)
+says where the data-driven methods draw training examples (``starmerge.suites.training``).
+``seed_tables`` hold the STAR seed README's published numbers for a task set, so a reproduction
+can print them beside its own.
 
 A suite file may ``include:`` another suite (a built-in name or a path) and override keys: that is
 how a run points a built-in suite at local copies of the models::
@@ -36,9 +38,11 @@ from starmerge.errors import ConfigError, UnknownNameError, did_you_mean
 SUITES_DIR = Path(__file__).parent
 _KEYS = {
     "name", "description", "version", "include", "base_model", "model_class", "dtype",
-    "batch_size", "chat_template", "template_kwargs", "info", "tasks", "seed_tables",
+    "batch_size", "chat_template", "template_kwargs", "info", "tasks", "seed_tables", "train",
 }  # fmt: skip
-_TASK_KEYS = {"file", "adapter", "model", "data_mb"}
+_TASK_KEYS = {"file", "adapter", "model", "data_mb", "train"}
+#: What a ``train:`` mapping may override in the task's source (see :attr:`SuiteTask.train`).
+TRAIN_KEYS = ("path", "config", "split", "revision", "transform")
 MODEL_CLASSES = ("seq2seq", "causal")
 
 
@@ -52,6 +56,10 @@ class SuiteTask:
         adapter: A PEFT LoRA adapter (hub id or path), or None.
         model: A full fine-tuned checkpoint (hub id or path), or None.
         data_mb: Approximate download size of its dataset in MB (for ``--dry-run``).
+        train: Where the data-driven methods draw this task's training examples: overrides of
+            the task file's ``source`` (``path``, ``config``, ``split``), ``revision`` and
+            ``metadata.transform`` (the suite's ``train:`` merged with the task's); None when
+            the suite declares none. Rows the evaluation uses are never drawn.
     """
 
     name: str
@@ -59,6 +67,7 @@ class SuiteTask:
     adapter: str | None = None
     model: str | None = None
     data_mb: float | None = None
+    train: dict[str, Any] | None = None
 
     @property
     def source(self) -> str:
@@ -221,11 +230,29 @@ def _problems(data: dict[str, Any]) -> list[str]:
             problems.append(f"task {name}: task file {entry['file']} does not exist")
         if bool(entry.get("adapter")) == bool(entry.get("model")):
             problems.append(f"task {name}: give exactly one of 'adapter' or 'model'")
+        problems += _train_problems(entry.get("train"), f"task {name}: train")
+    problems += _train_problems(data.get("train"), "train")
     for table in data.get("seed_tables") or []:
         unknown = [t for t in table.get("tasks", []) if t not in tasks]
         if unknown:
             problems.append(f"seed table {table.get('name')!r}: unknown task(s) {unknown}")
     return problems
+
+
+def _train_problems(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"{where} must be a mapping of {', '.join(TRAIN_KEYS)}, got {value!r}"]
+    return [f"{where}: unknown key {k!r}.{did_you_mean(str(k), TRAIN_KEYS)} Allowed: "
+            f"{', '.join(TRAIN_KEYS)}" for k in value if k not in TRAIN_KEYS]  # fmt: skip
+
+
+def _train(default: dict[str, Any] | None, entry: dict[str, Any] | None) -> dict | None:
+    """The suite's ``train:`` with the task's own keys over it (None when neither has one)."""
+    if default is None and entry is None:
+        return None
+    return {**(default or {}), **(entry or {})}
 
 
 def load_suite(ref: str | Path) -> Suite:
@@ -242,7 +269,7 @@ def load_suite(ref: str | Path) -> Suite:
         raise ConfigError([f"suite {path}: {p}" for p in problems])
     tasks = {
         str(name): SuiteTask(str(name), Path(e["file"]), e.get("adapter"), e.get("model"),
-                             e.get("data_mb"))
+                             e.get("data_mb"), _train(data.get("train"), e.get("train")))
         for name, e in data["tasks"].items()
     }  # fmt: skip
     tables = tuple(

@@ -106,6 +106,14 @@ def _seed_test_split(rows: Rows, spec: TaskSpec) -> Rows:
     return [rows[int(i)] for i in perm[:n_test]]
 
 
+def _seed_train_split(rows: Rows, spec: TaskSpec) -> Rows:
+    """The rest of :func:`_seed_test_split`: ``train_test_split(...)['train']``'s rows."""
+    test_size, seed = spec.metadata.get("test_size", 0.1), spec.metadata.get("split_seed", 42)
+    n_test = int(np.ceil(test_size * len(rows)))
+    perm = np.random.default_rng(seed).permutation(len(rows))
+    return [rows[int(i)] for i in perm[n_test:]]
+
+
 def _gold_key(gold: str, words: Mapping[str, tuple[str, ...]], prefix: bool) -> str | None:
     """The label whose words contain ``gold`` exactly (the seed's rule), or start it (prefix)."""
     for key, variants in words.items():
@@ -133,6 +141,7 @@ TRANSFORMS: dict[str, Callable[[Rows, TaskSpec], Rows]] = {
     "hellaswag_endings": _hellaswag_endings,
     "round_label": _round_label,
     "seed_test_split": _seed_test_split,
+    "seed_train_split": _seed_train_split,
     "lots_of_loras": _lots_of_loras,
     "lots_of_loras_prefix": lambda rows, spec: _lots_of_loras(rows, spec, prefix=True),
 }
@@ -181,15 +190,8 @@ def _with_extra_labels(spec: TaskSpec, rows: Rows) -> tuple[TaskSpec, list[str]]
     return replace(spec, label_words=words), extra
 
 
-def build_examples(
-    spec: TaskSpec, rows: Rows, limit: int | None = None
-) -> tuple[TaskSpec, list[Example], dict[str, Any]]:
-    """Transform, sample (the seed's way) and render a task's rows.
-
-    Returns:
-        The spec (with any extra gold labels added), the examples, and notes for the results
-        (``extra_labels``, ``n_rows``).
-    """
+def _transformed(spec: TaskSpec, rows: Rows) -> tuple[TaskSpec, Rows, list[str]]:
+    """Apply the task's transform and check the columns; the spec gains any extra labels."""
     transform = spec.metadata.get("transform")
     if transform is not None:
         if transform not in TRANSFORMS:
@@ -203,9 +205,27 @@ def build_examples(
         raise StarmergeError(
             f"task {spec.name!r}: column(s) {missing} not in the data (columns: {list(rows[0])})"
         )
+    return spec, rows, extra
+
+
+def _eval_sample(spec: TaskSpec, rows: Rows) -> list[int]:
+    """The evaluated rows (indices into the transformed ``rows``), drawn the seed's way."""
     labels = [str(r[spec.label_column]) for r in rows] if spec.label_column else None
     s = spec.sampling
-    picked = seed_sample(len(rows), s.n, s.seed, s.balance, labels)
+    return seed_sample(len(rows), s.n, s.seed, s.balance, labels)
+
+
+def build_examples(
+    spec: TaskSpec, rows: Rows, limit: int | None = None
+) -> tuple[TaskSpec, list[Example], dict[str, Any]]:
+    """Transform, sample (the seed's way) and render a task's rows.
+
+    Returns:
+        The spec (with any extra gold labels added), the examples, and notes for the results
+        (``extra_labels``, ``n_rows``).
+    """
+    spec, rows, extra = _transformed(spec, rows)
+    picked = _eval_sample(spec, rows)
     if limit is not None:
         picked = picked[:limit]
     examples = [_example(spec, rows[i], i) for i in picked]

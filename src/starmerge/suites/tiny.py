@@ -250,18 +250,35 @@ def _row_maker(spec: Any) -> Callable[[random.Random, int, int], dict[str, Any]]
     return makers[src.path]
 
 
-def write_mirror(suite: Suite, data_dir: Path, rows: int = 12, seed: int = 0) -> Path:
-    """A local mirror of every task's hub split, in the hub schema (JSON lines)."""
+def write_mirror(
+    suite: Suite, data_dir: Path, rows: int = 12, seed: int = 0, train_rows: int | None = None
+) -> Path:
+    """A local mirror of every task's hub split, in the hub schema (JSON lines).
+
+    Each task's training split (``train:`` in the suite) gets ``train_rows`` rows (default
+    ``rows``) unless it is the evaluated split itself (financial_phrasebank).
+    """
+    from starmerge.suites.training import train_spec
+
     rng = random.Random(seed)
     for task in suite.tasks.values():
-        spec = task.spec()
-        src = spec.source
-        path = Path(data_dir) / src.path / (src.config or "default") / f"{src.split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        maker = _row_maker(spec)
-        lines = [json.dumps(maker(rng, i, rows)) for i in range(rows)]
-        path.write_text("\n".join(lines) + "\n")
+        _write_split(task.spec().source, _row_maker(task.spec()), data_dir, rows, rng, True)
+    for task in suite.tasks.values():  # after the evaluated splits, which stay as they were
+        if task.train is not None:
+            src = train_spec(task.spec(), task.train).source
+            _write_split(src, _row_maker(task.spec()), data_dir, train_rows or rows, rng)
     return Path(data_dir)
+
+
+def _write_split(
+    src: Any, maker: Callable, data_dir: Path, rows: int, rng: random.Random, replace: bool = False
+) -> None:
+    path = Path(data_dir) / src.path / (src.config or "default") / f"{src.split}.jsonl"
+    if path.exists() and not replace:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(maker(rng, i, rows)) for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
 
 
 _ARCH = {
@@ -273,9 +290,12 @@ _ARCH = {
 
 
 def make_tiny_suite(
-    name: str, root: Path, tasks: list[str] | None = None, rows: int = 12
-) -> tuple[Path, Path]:
+    name: str, root: Path, tasks: list[str] | None = None, rows: int = 12,
+    train_rows: int | None = None,
+) -> tuple[Path, Path]:  # fmt: skip
     """Build a tiny offline copy of built-in suite ``name`` under ``root``.
+
+    ``rows`` rows per evaluated split, ``train_rows`` (default ``rows``) per training split.
 
     Returns:
         ``(suite file, data mirror directory)``.
@@ -302,5 +322,5 @@ def make_tiny_suite(
     suite_file = root / f"{name}-tiny.yaml"
     data = {"include": name, "base_model": str(base), "tasks": entries, "batch_size": 4}
     suite_file.write_text(json.dumps(data, indent=1) + "\n")
-    write_mirror(load_suite(suite_file), root / "data", rows=rows)
+    write_mirror(load_suite(suite_file), root / "data", rows=rows, train_rows=train_rows)
     return suite_file, root / "data"

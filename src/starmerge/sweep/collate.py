@@ -2,8 +2,9 @@
 
 For each merged task set: one results JSON (``starmerge.eval.results.Results``) with the rows
 ``base`` and ``individual`` (assembled from the per-task bound jobs), then one row per method
-and parameters; normalized scores and bootstrap CIs are computed there. Tables are pure
-functions of those dicts.
+and parameters; normalized scores and bootstrap CIs are computed there. Data-driven rows also put
+the training data of each task (source, rows drawn, statistics entry) under ``config.data``.
+Tables are pure functions of those dicts.
 """
 
 from __future__ import annotations
@@ -79,9 +80,16 @@ def build_results(
     counts: dict[str, int] = defaultdict(int)
     for job, _ in merges:
         counts[str(job.method)] += 1
+    data = {}
     for job, rec in merges:
         parts = {t: rec["results"][t] for t in tasks}
-        _add(res, _row_name(job, counts[str(job.method)] > 1), parts, job)
+        name = _row_name(job, counts[str(job.method)] > 1)
+        _add(res, name, parts, job)
+        if job.data is not None:  # the training examples each task's statistics came from
+            data[name] = {"options": dict(job.data),
+                          "tasks": dict(rec.get("merge_stats", {}).get("data", {}))}  # fmt: skip
+    if data:
+        res.config["data"] = data
     return res
 
 

@@ -17,6 +17,7 @@
     search: {mode: grid}          # grid: every combination; random: `samples` of them
     bounds: true                  # base + individual job of every task used
     options: {dtype: null, full_keys: qv, limit: null}
+    data: {n_examples: 32, seed: 0, batch_size: 8, max_length: 512}   # data-driven methods only
 
 Every problem is reported at once (:class:`~starmerge.errors.ConfigError`).
 """
@@ -35,9 +36,9 @@ import yaml
 
 from starmerge.errors import ConfigError, StarmergeError, did_you_mean
 from starmerge.suites import Suite, load_suite
-from starmerge.sweep.jobs import Job, RunOptions, bound_jobs, merge_job
+from starmerge.sweep.jobs import DataOptions, Job, RunOptions, bound_jobs, merge_job
 
-_TOP = ("suite", "methods", "tasks", "search", "bounds", "options")
+_TOP = ("suite", "methods", "tasks", "search", "bounds", "options", "data")
 _TASKS = ("all", "sets", "sizes", "combinations", "pool", "seed")
 _SEARCH = ("mode", "samples", "seed")
 _OPTIONS = ("dtype", "full_keys", "limit")
@@ -118,6 +119,14 @@ def _method_grid(methods: Mapping[str, Any], problems: list[str]) -> list[tuple[
     return out
 
 
+def _data(data: Mapping[str, Any], problems: list[str]) -> DataOptions:
+    try:
+        return DataOptions.from_mapping(data.get("data"))
+    except ConfigError as err:
+        problems += err.problems
+        return DataOptions()
+
+
 def _jobs(data: Mapping[str, Any], sets: list, grid: list, problems: list[str]) -> list[Job]:
     combos = [(m, p, s) for m, p in grid for s in sets]
     search = data.get("search") or {}
@@ -128,10 +137,10 @@ def _jobs(data: Mapping[str, Any], sets: list, grid: list, problems: list[str]) 
         combos = random.Random(int(search.get("seed", 0))).sample(combos, min(n, len(combos)))
     elif mode != "grid":
         problems.append(f"search.mode must be grid or random, got {mode!r}")
-    jobs = []
+    jobs, options = [], _data(data, problems)
     for method, params, tasks in combos:
         try:
-            jobs.append(merge_job(method, params, tasks))
+            jobs.append(merge_job(method, params, tasks, options))
         except StarmergeError as err:
             problems.append(str(err))
     return jobs

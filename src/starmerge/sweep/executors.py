@@ -117,7 +117,8 @@ def run_ray(
         suite: The suite (workers load it from its file).
         jobs: ``(key, job)`` pairs to run.
         options: Options that change results.
-        runtime: Device, batch size, data mirror (a relative mirror path is made absolute).
+        runtime: Device, batch size, data mirror, statistics cache (relative paths are made
+            absolute).
         store: Where the driver writes the records.
         address: The Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray
             unless one is already initialised in this process.
@@ -135,7 +136,8 @@ def run_ray(
             has_gpu = ray.cluster_resources().get("GPU", 0) > 0
             gpus_per_job = 1 if has_gpu and runtime.device != "cpu" else 0
         data_dir = str(Path(runtime.data_dir).resolve()) if runtime.data_dir else None
-        rt = {**asdict(runtime), "data_dir": data_dir}
+        stats_dir = str(Path(runtime.stats_dir).resolve()) if runtime.stats_dir else None
+        rt = {**asdict(runtime), "data_dir": data_dir, "stats_dir": stats_dir}
         task = ray.remote(_ray_job).options(num_gpus=gpus_per_job, num_cpus=cpus_per_job)
         refs = {
             task.remote(str(suite.path), asdict(options), rt, job.to_dict(), key): key

@@ -2,7 +2,8 @@
 
 A job is one model evaluated on tasks: the ``base`` model on one task (lower bound), one task's
 ``individual`` model on its own task (upper bound), or a ``merge`` of a task set with a method and
-its parameters, evaluated on every task of the set. Its key hashes everything that defines the
+its parameters, evaluated on every task of the set; a data-driven merge (statistics or trained
+masks) also carries its :class:`DataOptions`. Its key hashes everything that defines the
 result: the job, the suite's models and task files for those tasks (content, not paths), and the
 :class:`RunOptions`. Device, batch size, executor and data location are :class:`Runtime` choices
 and are left out on purpose: results do not depend on them. Nothing is ever keyed by position or
@@ -32,16 +33,22 @@ class Job:
     tasks: tuple[str, ...]
     method: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] | None = None  # DataOptions as a dict, for data-driven merges only
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (the part of the key that is the job)."""
-        return {"kind": self.kind, "tasks": list(self.tasks), "method": self.method,
-                "params": dict(sorted(self.params.items()))}  # fmt: skip
+        """JSON form (the part of the key that is the job; ``data`` only when there is some)."""
+        out = {"kind": self.kind, "tasks": list(self.tasks), "method": self.method,
+               "params": dict(sorted(self.params.items()))}  # fmt: skip
+        if self.data is not None:
+            out["data"] = dict(sorted(self.data.items()))
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Job:
         """Inverse of :meth:`to_dict`."""
-        return cls(data["kind"], tuple(data["tasks"]), data.get("method"), dict(data["params"]))
+        extra = data.get("data")
+        return cls(data["kind"], tuple(data["tasks"]), data.get("method"), dict(data["params"]),
+                   None if extra is None else dict(extra))  # fmt: skip
 
     @property
     def label(self) -> str:
@@ -49,7 +56,51 @@ class Job:
         if self.kind != "merge":
             return f"{self.kind} {self.tasks[0]}"
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.method}({params}) on {len(self.tasks)} tasks"
+        data = f", {self.data['n_examples']} examples per task" if self.data else ""
+        return f"{self.method}({params}) on {len(self.tasks)} tasks{data}"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Task data of the data-driven merges (part of their job keys, and only theirs).
+
+    Each task's examples come from its training rows as the suite declares them (``train:``),
+    never from the evaluated rows; see :mod:`starmerge.suites.training`.
+
+    Args:
+        n_examples: Training examples drawn per task (seeded, uniform).
+        seed: Sampling seed.
+        batch_size: Examples per forward/backward pass while collecting.
+        max_length: Tokens per example (the prompt is cut from the left).
+    """
+
+    n_examples: int = 32
+    seed: int = 0
+    batch_size: int = 8
+    max_length: int = 512
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, where: str = "data") -> DataOptions:
+        """Validate a ``data:`` mapping (every problem at once).
+
+        Raises:
+            ConfigError: Unknown keys, or values that are not positive integers (seed: >= 0).
+        """
+        from dataclasses import fields
+
+        from starmerge.errors import did_you_mean
+
+        data = dict(data or {})
+        names = [f.name for f in fields(cls)]
+        problems = [f"unknown key {where}.{k}.{did_you_mean(str(k), names)} Allowed: "
+                    f"{', '.join(names)}" for k in data if k not in names]  # fmt: skip
+        for name in (n for n in names if n in data):
+            value, low = data[name], 0 if name == "seed" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                problems.append(f"{where}.{name} must be an integer >= {low}, got {value!r}")
+        if problems:
+            raise ConfigError(problems)
+        return cls(**{k: data[k] for k in names if k in data})
 
 
 @dataclass(frozen=True)
@@ -83,12 +134,17 @@ class Runtime:
         batch_size: Evaluation batch size; None: the suite's.
         data_dir: A local mirror of the hub datasets (see ``starmerge.suites.data``).
         progress: Print one line per finished job.
+        stats_dir: The statistics cache of the data-driven methods (None: ``$STARMERGE_CACHE/stats``
+            or ``~/.cache/starmerge/stats``); entries are keyed by what changes them.
+        stats_memory: Bytes the statistics accumulators may take at once (``data.memory_budget``).
     """
 
     device: str = "auto"
     batch_size: int | None = None
     data_dir: str | None = None
     progress: bool = True
+    stats_dir: str | None = None
+    stats_memory: str = "4GB"
 
 
 def bound_jobs(tasks: Iterable[str]) -> list[Job]:
@@ -97,25 +153,38 @@ def bound_jobs(tasks: Iterable[str]) -> list[Job]:
     return [Job("base", (t,)) for t in tasks] + [Job("individual", (t,)) for t in tasks]
 
 
-def merge_job(method: str, params: Mapping[str, Any], tasks: Iterable[str]) -> Job:
+def merge_job(
+    method: str,
+    params: Mapping[str, Any],
+    tasks: Iterable[str],
+    data: DataOptions | None = None,
+) -> Job:
     """A merge job with the method's parameters validated and defaults filled in.
 
+    A method that needs task data with these parameters (``data_request``) gets ``data``
+    (default :class:`DataOptions`); any other job gets none, so its key does not change.
+
     Raises:
-        ConfigError: Unknown method or parameters, or fewer than two tasks.
+        ConfigError: Unknown method or parameters, ``statistics`` given (they are collected
+            from the suite's training data), or fewer than two tasks.
     """
     from starmerge.methods import METHODS
+    from starmerge.stats.requests import data_request
 
     tasks = tuple(sorted(set(tasks)))
     if len(tasks) < 2:
         raise ConfigError([f"a merge needs at least two tasks, got {list(tasks)}"])
     spec = METHODS.get(method)
-    if spec.needs_data:
-        raise ConfigError([f"{method} needs task data, which sweeps do not provide yet"])
+    if params.get("statistics") is not None:
+        raise ConfigError([f"{method}: statistics are collected from the suite's training data "
+                           "in sweeps; remove the statistics parameter"])  # fmt: skip
     resolved = spec.resolve(dict(params))
     for name, value in resolved.items():  # eta: 40 and eta: 40.0 are one job (and one key)
         if isinstance(spec.params[name].default, float) and type(value) is int:
             resolved[name] = float(value)
-    return Job("merge", tasks, method, resolved)
+    resolved.pop("statistics", None)
+    needs = data_request(method, resolved) is not None
+    return Job("merge", tasks, method, resolved, asdict(data or DataOptions()) if needs else None)
 
 
 def job_key(suite: Suite, job: Job, options: RunOptions) -> str:

@@ -104,6 +104,31 @@ def _gib(parts: dict[str, float]) -> str:
     return f"{sum(parts.values()) / GiB:.1f} GiB ({inner or 'unknown'})"
 
 
+def _training_lines(suite: Suite, jobs: Sequence[tuple[str, Job]]) -> list[str]:
+    """Where the data-driven merges draw each task's training examples (nothing is loaded)."""
+    from starmerge.suites.training import train_spec
+
+    data = [job.data for _, job in jobs if job.data is not None]
+    if not data:
+        return []
+    tasks = sorted({t for _, job in jobs if job.data is not None for t in job.tasks},
+                   key=list(suite.tasks).index)  # fmt: skip
+    sizes = sorted({d["n_examples"] for d in data})
+    n = "/".join(map(str, sizes))
+    lines = [f"training data of the data-driven merges ({len(tasks)} tasks, {n} examples per "
+             "task, never the evaluated rows):"]  # fmt: skip
+    for t in tasks:
+        task = suite.task(t)
+        if task.train is None:
+            lines.append(f"  {t}: none declared (add `train:` to the suite file)")
+            continue
+        spec = train_spec(task.spec(), task.train)
+        src, transform = spec.source, spec.metadata.get("transform")
+        where = f"{src.path}" + (f" ({src.config})" if src.config else "") + f" [{src.split}]"
+        lines.append(f"  {t}: {where}" + (f", transform {transform}" if transform else ""))
+    return lines
+
+
 def describe(
     suite: Suite,
     jobs: Sequence[tuple[str, Job]],
@@ -134,6 +159,7 @@ def describe(
         where = f"{src.path}" + (f" ({src.config})" if src.config else "") + f" [{src.split}]"
         size = "all rows" if s.n is None else f"n={s.n}{' balanced' if s.balance else ''}"
         lines.append(f"  {t}: {where}, {size}" + (f", limit {opts.limit}" if opts.limit else ""))
+    lines += _training_lines(suite, jobs)
     est = estimate(suite, tasks, options, runtime)
     lines.append(f"predicted memory (estimate), device: {_gib(est['device'])}")
     lines.append(f"predicted memory (estimate), CPU: {_gib(est['cpu'])}")

@@ -23,6 +23,7 @@ from starmerge.sweep.executors import EXECUTORS, Keyed, keyed, pending, run_loca
 from starmerge.sweep.jobs import Job, RunOptions, Runtime
 from starmerge.sweep.plan import describe
 from starmerge.sweep.store import ResultsStore
+from starmerge.sweep.workbench import Workbench
 
 Echo = Callable[[str], None]
 
@@ -75,11 +76,15 @@ def execute(
     echo(f"{len(all_jobs)} jobs, {len(all_jobs) - len(todo)} already done, {len(todo)} to run")
     on_done = _progress(echo) if runtime.progress else None
     outcome = Outcome(all_jobs, [k for k, _ in todo])
+    bench = Workbench(suite, options, runtime)  # loads nothing until a job runs
+    bench.data.check([job for _, job in todo])  # training data of data jobs: fail before any job
     if todo and executor == "local":
-        bench = run_local(suite, todo, options, runtime, store, on_done=on_done)
+        run_local(suite, todo, options, runtime, store, workbench=bench, on_done=on_done)
         outcome.model_loads = bench.model_loads
         outcome.cache = {"task_vectors": bench.vector_loads,
-                         "star_factorizations": bench.star_computations}  # fmt: skip
+                         "star_factorizations": bench.star_computations,
+                         "statistics_computed": bench.data.computed,
+                         "statistics_reused": bench.data.reused}  # fmt: skip
     elif todo:
         run_ray(suite, todo, options, runtime, store, address=address,
                 gpus_per_job=gpus_per_job, on_done=on_done)  # fmt: skip

@@ -6,7 +6,8 @@ adds them to the model's weights in place, evaluates, and restores the weights. 
 it runs, it keeps each task's examples, task vector, and STAR factorization per ``eta``: STAR
 truncates and rescales every task on its own, so a STAR merge of any task set is the average of
 cached per-task factors (exact in factor space), and an ``eta`` sweep over many task subsets does
-each task's spectral work once.
+each task's spectral work once. Data-driven merges get each task's statistics (or trained masks)
+from :class:`~starmerge.sweep.data.TaskData`, cached on disk across jobs, runs and workers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from starmerge.suites import Suite
+from starmerge.sweep.data import TaskData
 from starmerge.sweep.jobs import SCHEMA, Job, RunOptions, Runtime, job_key
 from starmerge.tensors.delta import Delta, LowRank
 from starmerge.tensors.spectral import star_dense, star_factored
@@ -91,6 +93,7 @@ class Workbench:
         self._examples: dict[str, tuple[Any, list[Any], dict[str, Any]]] = {}
         self._vectors: dict[str, dict[str, Delta]] = {}
         self._stars: dict[tuple[str, float], tuple[dict[str, Delta], dict[str, int]]] = {}
+        self.data = TaskData(suite, self.options, runtime)
 
     @property
     def backend(self) -> Any:
@@ -149,8 +152,17 @@ class Workbench:
             ranks = {key: [kept.get(key, 0) for _, kept in parts] for key in merged.deltas}
             return merged.deltas, {"kept_ranks": ranks}
         vectors = [self.task_vector(t) for t in job.tasks]
-        merged = merge_deltas(job.method or "", vectors, job.params, device=self.device)
-        return merged.deltas, merged.stats
+        if job.data is None:
+            merged = merge_deltas(job.method or "", vectors, job.params, device=self.device)
+            return merged.deltas, merged.stats
+        by_task = dict(zip(job.tasks, vectors, strict=True))
+        paths, used = self.data.prepare(self.backend, job, by_task)
+        params = {**job.params, "statistics": [str(p) for p in paths]}
+        merged = merge_deltas(job.method or "", vectors, params, device=self.device)
+        state = dict(merged.stats.get("state") or {})
+        if "statistics" in state:  # cache entries by key, not by where this process keeps them
+            state["statistics"] = [p.name for p in paths]
+        return merged.deltas, {**merged.stats, "state": state, "data": used}
 
     def run(self, job: Job, key: str | None = None) -> dict[str, Any]:
         """Build, apply, evaluate and restore; the job's record for the results store."""
