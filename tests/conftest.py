@@ -16,7 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
-def _tiny_config(arch: str):
+def tiny_config(arch: str):
+    """The config of a tiny random ``arch`` model (llama, mistral, t5); io_fixtures uses it too."""
     import transformers as tf
 
     if arch == "llama":
@@ -59,7 +60,7 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = _tiny_config(arch)
+    config = tiny_config(arch)
     cls = tf.T5ForConditionalGeneration if arch == "t5" else tf.AutoModelForCausalLM
     model = cls(config) if arch == "t5" else cls.from_config(config)
     model.save_pretrained(out_dir)

@@ -1,7 +1,8 @@
 """The merge config: YAML that maps one to one onto frozen dataclasses.
 
 ``load_config`` parses, applies ``key.path=value`` overrides and validates once, raising a single
-``ConfigError`` that lists every problem. Paths are not touched here (see ``plan.py``).
+``ConfigError`` that lists every problem. Paths are not touched here (see ``plan.py``); the
+``data:`` section is parsed in ``config_data.py``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from typing import Any, Literal
 
 import yaml
 
+from starmerge.config_data import DataSpec, data_checks, parse_data
 from starmerge.errors import ConfigError, StarmergeError, UnknownNameError, did_you_mean
 
 TOP_KEYS = ("method", "parameters", "base_model", "models", "output", "data")
 MODEL_KEYS = ("adapter", "model", "weight", "name")
 OUTPUT_KEYS = ("format", "dtype", "max_shard_size", "rank")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_KEYS = (
-    "tasks", "n_examples", "seed", "batch_size", "max_length", "memory_budget", "cache_dir",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,30 +46,6 @@ class OutputSpec:
     dtype: str | None = None
     max_shard_size: str = "5GB"
     rank: int | None = None
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Task data for data-driven methods (statistics, trained masks); see docs/data_methods.md.
-
-    Args:
-        tasks: One task file (or built-in task name) per model, in ``models`` order.
-        n_examples: Examples drawn per task (seeded; overrides the task's ``sampling.n``).
-        seed: Sampling seed (overrides the task's ``sampling.seed``).
-        batch_size: Examples per forward/backward pass.
-        max_length: Tokens per example (the prompt is cut from the left).
-        memory_budget: Bytes the statistics accumulators may take at once (``"4GB"``); the data
-            is re-run once per group of layers that fits.
-        cache_dir: Where statistics are cached (default ``~/.cache/starmerge/stats``).
-    """
-
-    tasks: tuple[str, ...]
-    n_examples: int = 64
-    seed: int = 0
-    batch_size: int = 8
-    max_length: int = 512
-    memory_budget: str = "4GB"
-    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,9 +136,9 @@ def parse_config(raw: Any) -> RunConfig:
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model must be a path or hub id string, got {base!r}")
-    data = _data(raw.get("data"), len(models), problems)
+    data = parse_data(raw.get("data"), len(models), problems)
     _cross_checks(method, params, models, output, base, problems)
-    _data_checks(method, params, data, base, problems)
+    data_checks(method, params, data, base, problems)
     if problems:
         raise ConfigError(problems)
     return RunConfig(method or "", params, tuple(models), base, output, data)
@@ -299,72 +274,3 @@ def _cross_checks(
             f"{method} is elementwise, so its merge is not low-rank: set output.rank "
             "(the SVD rank of the merged adapter) or use output.format: model"
         )
-
-
-def _data(raw: Any, n_models: int, problems: list[str]) -> DataSpec | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        problems.append(f"data must be a mapping with keys {', '.join(DATA_KEYS)}, got {raw!r}")
-        return None
-    problems.extend(_unknown_keys(raw, DATA_KEYS, "data"))
-    tasks = raw.get("tasks")
-    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
-        problems.append(f"data.tasks must be a list of task files, one per model, got {tasks!r}")
-        return None
-    if len(tasks) != n_models:
-        problems.append(
-            f"data.tasks must name one task file per model ({n_models}), got {len(tasks)}"
-        )
-    ints = {"n_examples": 64, "seed": 0, "batch_size": 8, "max_length": 512}
-    values = {k: raw.get(k, d) for k, d in ints.items()}
-    for key, value in values.items():
-        low = 0 if key == "seed" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"data.{key} must be an integer >= {low}, got {value!r}")
-    budget = str(raw.get("memory_budget", "4GB"))
-    try:
-        from starmerge.io.writer import parse_size
-
-        parse_size(budget)
-    except StarmergeError as exc:
-        problems.append(f"data.memory_budget: {exc}")
-    cache = raw.get("cache_dir")
-    if cache is not None and not isinstance(cache, str):
-        problems.append(f"data.cache_dir must be a path, got {cache!r}")
-    return DataSpec(tuple(tasks), **values, memory_budget=budget, cache_dir=cache)
-
-
-def _data_checks(
-    method: str | None,
-    params: Mapping[str, Any],
-    data: DataSpec | None,
-    base: str | None,
-    problems: list[str],
-) -> None:
-    """A data-driven method (with these parameters) needs a `data:` section and a base model."""
-    from starmerge.stats.requests import data_request
-
-    if method is None or params.get("statistics") is not None:
-        return
-    try:
-        request = data_request(method, params)
-    except (KeyError, TypeError):  # invalid parameters are reported by the method check
-        return
-    if request is None:
-        return
-    if data is None:
-        problems.append(
-            f"{method} needs task data ({_need(method, params)}): add a `data:` section "
-            "(tasks: one task file per model, n_examples: N) or set parameters.statistics"
-        )
-    elif base is None:
-        problems.append(f"{method} collects statistics on the base model; add base_model")
-
-
-def _need(method: str, params: Mapping[str, Any]) -> str:
-    if method == "mats":
-        return f"objective {params.get('objective')}"
-    if method == "localize_stitch":
-        return "mode trained"
-    return "statistics"

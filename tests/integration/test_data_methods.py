@@ -127,3 +127,21 @@ def test_data_method_without_data_section_is_a_config_error(tmp_path, capsys, se
     code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")
     assert code == 2 and err.startswith("error:") and "add a `data:` section" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_below_one_module_names_data_memory_budget(tmp_path, capsys, setup):
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        method="regmean",
+        base_model=str(setup["base"]),
+        models=[{"adapter": str(a)} for a in setup["adapters"]],
+        data={
+            "tasks": [str(t) for t in setup["tasks"]],
+            "n_examples": 2,
+            "memory_budget": "1KB",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
+    code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")
+    assert code == 2 and "error: statistics of model.layers.0." in err  # after progress bars
+    assert err.rstrip().endswith("but data.memory_budget is 1000; raise data.memory_budget")

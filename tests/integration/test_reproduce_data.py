@@ -174,6 +174,21 @@ def test_bad_data_input_is_one_error_line_before_any_job(tiny_flan, tmp_path, ca
     assert not (tmp_path / "bare" / "jobs").exists()
 
 
+def test_a_stats_memory_below_one_module_names_the_option(tiny_flan, tmp_path, capsys):
+    suite_file, data = tiny_flan
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({
+        "suite": str(suite_file), "methods": {"regmean": {}}, "tasks": {"sets": [["mnli", "qqp"]]},
+        "bounds": False, "data": {"n_examples": 2, "batch_size": 2},
+    }))  # fmt: skip
+    code = main(["sweep", str(sweep), "--device", "cpu", "--data-dir", str(data), "--quiet",
+                 "--stats-dir", str(tmp_path / "stats"), "--stats-memory", "1KB",
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "error: statistics of encoder." in err  # after progress bars
+    assert err.rstrip().endswith("but --stats-memory is 1000; raise --stats-memory")
+
+
 def test_causal_chat_suite_statistics_use_the_evaluated_prompts(tmp_path):
     from starmerge.sweep import RunOptions
     from starmerge.sweep.workbench import Workbench

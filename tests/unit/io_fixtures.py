@@ -9,21 +9,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_config  # tests/conftest.py, one tiny Llama config for every test
+
 
 def tiny_llama(seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return tf.LlamaForCausalLM(config)
+    return tf.LlamaForCausalLM(tiny_config("llama"))
 
 
 def tiny_gpt2(seed: int = 0):

@@ -18,7 +18,10 @@ def test_example_config_is_valid(path):
     if "suite" in raw:
         from starmerge.sweep.config import sweep_from_dict
 
-        assert sweep_from_dict(raw)
+        sweep = sweep_from_dict(raw)
+        assert sweep.jobs
+        if raw.get("data"):  # a `data:` section reaches the data-driven jobs
+            assert any(job.data is not None for job in sweep.jobs)
     else:
         assert parse_config(raw).method == raw["method"]
 

@@ -8,6 +8,7 @@ from torch import nn
 from starmerge.errors import StarmergeError
 from starmerge.stats import ByteCounter, StatsFile, collect_statistics
 from starmerge.stats.cache import StatsWriter, entry_path
+from starmerge.stats.collect import accumulator_bytes
 
 KINDS = {"fisher", "gram_in", "gram_out"}
 
@@ -166,11 +167,19 @@ def test_memory_budget_holds_and_streaming_changes_nothing():
         torch.testing.assert_close(merged[key], value, msg=key)
 
 
-def test_budget_smaller_than_one_module_is_an_error():
-    with pytest.raises(StarmergeError, match=r"statistics of layers.0 need \d+ bytes.*raise data"):
+@pytest.mark.parametrize("name", [None, "data.memory_budget", "--stats-memory"])
+def test_budget_smaller_than_one_module_is_an_error_naming_the_callers_knob(name):
+    model, named = Deep(), ({} if name is None else {"budget_name": name})
+    need = sum(accumulator_bytes(model.layers[0], KINDS))
+    with pytest.raises(StarmergeError) as err:
         collect_statistics(
-            Deep(), _batches(_examples(), 2), _loss, ["layers.0"], KINDS, memory_budget=1000
-        )
+            model, _batches(_examples(), 2), _loss, ["layers.0"], KINDS, memory_budget=1000,
+            **named,
+        )  # fmt: skip
+    knob = name or "memory_budget"  # called directly: the argument's own name
+    assert str(err.value) == (
+        f"statistics of layers.0 need {need} bytes but {knob} is 1000; raise {knob}"
+    )
 
 
 def test_cache_entry_round_trip(tmp_path):

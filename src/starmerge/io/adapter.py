@@ -4,8 +4,8 @@ Per DESIGN.md: the delta of ``<module>.weight`` is ``scale * B @ A``, scale = al
 sqrt(r) with ``use_rslora``), r and alpha per module from ``rank_pattern``/``alpha_pattern`` as PEFT
 matches them, transposed when ``fan_in_fan_out``; keys drop ``base_model.model.``. Other features
 (DoRA, LoRA biases, embedding LoRA, ``modules_to_save``, variants, base-changing inits) and unknown
-tensors are refused by name. ``target_modules``/``layers_to_transform`` need no handling: the
-modules come from the tensors in the file.
+tensors are refused by name (``adapter_refusals.py``). ``target_modules``/``layers_to_transform``
+need no handling: the modules come from the tensors in the file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from starmerge.errors import InputError, UnsupportedFeatureError
+from starmerge.errors import InputError
+from starmerge.io.adapter_refusals import refuse, refuse_config, refuse_tensors
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.tensors.delta import LowRank
 
@@ -29,25 +30,6 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 # "<module>.lora_A.weight", or "<module>.lora_A.<adapter name>.weight" (older PEFT, raw state dicts)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_MERGE_FIX = "merge it into the base model (PeftModel.merge_and_unload) and pass it as `model:`"
-# init_lora_weights values whose adapter applies to a modified base model, not the original one
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-# *_config fields that only configure an initialisation or a runtime, not the adapted function
-_HARMLESS_CONFIGS = set(
-    "loftq_config eva_config corda_config lora_ga_config megatron_config runtime_config".split()
-)
-_TENSOR_FEATURES = (  # marker in a tensor key -> feature name
-    ("lora_magnitude_vector", "DoRA"), ("lora_embedding_", "embedding LoRA"),
-    ("modules_to_save", "modules_to_save"), ("trainable_tokens", "trainable tokens"),
-)  # fmt: skip
-_FEATURE_FLAGS = {  # config key -> feature name, refused when truthy
-    "use_dora": "DoRA (use_dora: true)", "lora_bias": "LoRA bias (lora_bias: true)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "layer_replication": "layer replication (layer_replication)",
-    "target_parameters": "LoRA on nn.Parameter (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "use_qalora": "QA-LoRA (use_qalora: true)",
-}  # fmt: skip
 
 
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
@@ -188,7 +170,7 @@ def load_adapter(path: Path | str) -> LoraAdapter:
     """
     path = Path(path)
     config = _read_config(path)
-    _refuse_config(config, path)
+    refuse_config(config, path)
     weights = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
     if weights is None:
         raise InputError(
@@ -215,57 +197,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _refuse(path: Path, feature: str, fix: str = _MERGE_FIX) -> UnsupportedFeatureError:
-    return UnsupportedFeatureError(
-        f"adapter {path} uses {feature}, which starmerge does not implement; {fix}"
-    )
-
-
-def _refuse_config(config: dict[str, Any], path: Path) -> None:
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise _refuse(path, f"peft_type {peft_type!r} (only LORA is supported)")
-    bias = config.get("bias", "none")
-    if bias not in (None, "none"):
-        raise _refuse(path, f"LoRA bias (bias: {bias})")
-    if config.get("modules_to_save"):
-        raise _refuse(path, f"modules_to_save ({config['modules_to_save']})")
-    for key, feature in _FEATURE_FLAGS.items():
-        if config.get(key):
-            raise _refuse(path, feature)
-    for key, value in config.items():  # LoRA variants: *_config and use_* switches
-        unknown_config = key.endswith("_config") and key not in _HARMLESS_CONFIGS
-        unknown_switch = key.startswith("use_") and key != "use_rslora"
-        if value and (unknown_config or unknown_switch):
-            raise _refuse(path, f"the LoRA variant {key}")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
-        raise _refuse(
-            path,
-            f"init_lora_weights: {init} (its adapter applies to a changed base model)",
-            "re-save it with PEFT's path_initial_model_for_weight_conversion, or " + _MERGE_FIX,
-        )
-
-
-def _refuse_tensors(keys: list[str], path: Path) -> UnsupportedFeatureError:
-    """The error for tensors that are not LoRA factors, naming the feature where known."""
-    for marker, feature in (*_TENSOR_FEATURES, (".bias", "LoRA bias")):
-        hit = next(
-            (k for k in keys if marker in k and (marker != ".bias" or k.endswith(marker))), ""
-        )
-        if hit:
-            return _refuse(path, f"{feature} (tensor '{hit}')")
-    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-    return _refuse(path, f"tensor '{keys[0]}'{more}, which the LoRA loader does not understand")
-
-
 def _modules(index: TensorIndex, config: dict[str, Any], path: Path) -> dict[str, _Module]:
     pairs: dict[str, dict[str, str]] = {}
     names: set[str | None] = set()
     matches = {key: _LORA_KEY.match(key.removeprefix(PREFIX)) for key in index.keys()}
     unknown = [key for key, m in matches.items() if m is None]
     if unknown:
-        raise _refuse_tensors(unknown, path)
+        raise refuse_tensors(unknown, path)
     for key, m in matches.items():
         names.add(m["adapter"])
         pairs.setdefault(m["module"], {})[m["which"]] = key
@@ -285,7 +223,7 @@ def _module(
         raise InputError(f"adapter {path}: module '{module}' has no {missing}; re-export it")
     a_shape, b_shape = index.shape(ab["A"]), index.shape(ab["B"])
     if len(a_shape) != 2 or len(b_shape) != 2:
-        raise _refuse(path, f"conv LoRA (module '{module}', lora_A shape {a_shape})")
+        raise refuse(path, f"conv LoRA (module '{module}', lora_A shape {a_shape})")
     r = _pattern_value(config, "rank_pattern", module, config.get("r", 8), path)
     alpha = _pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", 8), path)
     if not (a_shape[0] == b_shape[1] == r) or r <= 0:

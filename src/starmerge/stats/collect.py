@@ -70,12 +70,13 @@ def accumulator_bytes(module: nn.Module, kinds: Iterable[str]) -> tuple[int, int
 
 
 def plan_groups(
-    model: nn.Module, modules: Sequence[str], kinds: Iterable[str], budget: int | None
-) -> list[list[str]]:
+    model: nn.Module, modules: Sequence[str], kinds: Iterable[str], budget: int | None,
+    budget_name: str = "memory_budget",
+) -> list[list[str]]:  # fmt: skip
     """Pack ``modules`` in order into groups whose statistics fit ``budget`` bytes (None: one).
 
     Raises:
-        StarmergeError: One module alone needs more than the budget.
+        StarmergeError: One module alone needs more than the budget (named ``budget_name``).
     """
     groups: list[list[str]] = []
     current: list[str] = []
@@ -84,8 +85,8 @@ def plan_groups(
         acc, ws = accumulator_bytes(model.get_submodule(name), kinds)
         if budget is not None and acc + ws > budget:
             raise StarmergeError(
-                f"statistics of {name} need {acc + ws} bytes but data.memory_budget is {budget}; "
-                "raise data.memory_budget"
+                f"statistics of {name} need {acc + ws} bytes but {budget_name} is {budget}; "
+                f"raise {budget_name}"
             )
         if current and budget is not None and cost + acc + max(work, ws) > budget:
             groups.append(current)
@@ -161,11 +162,8 @@ class _Accumulator:
 
     def finish(self, n_examples: int) -> dict[str, Tensor]:
         """The normalised statistics (in place)."""
-        for key, t in self.sums.items():
-            if key.endswith("::fisher"):
-                t /= max(n_examples, 1)
-            else:
-                t /= max(self.tokens, 1)
+        for key, t in self.sums.items():  # Fisher: mean over examples; Grams: over kept tokens
+            t /= max(n_examples if key.endswith("::fisher") else self.tokens, 1)
         return self.sums
 
     def release(self) -> None:
@@ -222,6 +220,7 @@ def collect_statistics(
     *,
     mask_fn: MaskFn | None = None,
     memory_budget: int | None = None,
+    budget_name: str = "memory_budget",
     sink: Callable[[dict[str, Tensor]], None] | None = None,
     counter: ByteCounter | None = None,
     progress: bool = False,
@@ -236,6 +235,7 @@ def collect_statistics(
         kinds: A subset of ``fisher``, ``gram_in``, ``gram_out``.
         mask_fn: ``mask_fn(batch, module_name) -> (B, T)`` 0/1 rows to keep (None: keep all).
         memory_budget: Bytes the accumulators of one group may take (None: one group).
+        budget_name: What errors call the budget (``data.memory_budget``, ``--stats-memory``).
         sink: Receives each finished group's statistics (then freed); None: all are returned.
         counter: Tracks live accumulator bytes (a fresh one when None).
         progress: Show a progress bar over groups.
@@ -255,7 +255,7 @@ def collect_statistics(
     counter = counter or ByteCounter()
     needs_grad = bool(kinds & GRAD_KINDS)
     results: dict[str, Tensor] = {}
-    groups = plan_groups(model, modules, kinds, memory_budget)
+    groups = plan_groups(model, modules, kinds, memory_budget, budget_name)
     with _collecting(model, needs_grad):
         for group in tqdm(groups, desc="statistics", disable=not progress, unit="group"):
             accs = [_Accumulator(n, model.get_submodule(n), kinds, counter) for n in group]

@@ -163,7 +163,8 @@ def _collect(
 def collect_into(
     sink: Callable[[dict[str, Tensor]], None], model: nn.Module, batches: list,
     request: DataRequest, kind: str, modules: Sequence[str], *,
-    deltas: Mapping[str, Any] | None = None, budget: int | None = None, progress: bool = False,
+    deltas: Mapping[str, Any] | None = None, budget: int | None = None,
+    budget_name: str = "data.memory_budget", progress: bool = False,
 ) -> None:  # fmt: skip
     """Collect ``request.kinds`` on ``modules`` of one task model and hand them to ``sink``.
 
@@ -180,6 +181,7 @@ def collect_into(
         modules: Linear module names, in the order to group them.
         deltas: Low-rank task deltas run as hooks (None: the model is the task model).
         budget: Bytes the accumulators of one group may take.
+        budget_name: What errors call the budget (sweeps and reproductions: ``--stats-memory``).
         progress: Show a progress bar.
 
     Example:
@@ -200,7 +202,7 @@ def collect_into(
             if names:
                 collect_statistics(
                     model, batches, loss_fn, names, kinds, mask_fn=mask_fn,
-                    memory_budget=budget, sink=sink, progress=progress,
+                    memory_budget=budget, budget_name=budget_name, sink=sink, progress=progress,
                 )  # fmt: skip
 
 

@@ -164,7 +164,8 @@ class TaskData:
                            if isinstance(m, nn.Linear) and f"{n}.weight" in shapes]  # fmt: skip
                 with apply_deltas(model, vector):  # the task's individual model
                     collect_into(writer, model, batches, request, kind, modules,
-                                 budget=parse_size(self.runtime.stats_memory))  # fmt: skip
+                                 budget=parse_size(self.runtime.stats_memory),
+                                 budget_name="--stats-memory")  # fmt: skip
             if request.masks:  # trained from the base model, theta_0
                 train_into(writer, model, batches, request, kind, shapes, vector.get)
         self.computed += 1
