@@ -6,6 +6,7 @@ no global pyplot state or GUI backend is touched (safe in threads, servers and t
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,14 @@ def _save(fig: Any, out_png: str | Path) -> Path:
     return out
 
 
+def _short(label: str, width: int = 16, lines: int = 4) -> str:
+    """``label`` wrapped to ``lines`` lines of ``width`` characters (cut with an ellipsis)."""
+    wrapped = textwrap.wrap(label, width) or [label]
+    if len(wrapped) > lines:
+        wrapped = [*wrapped[: lines - 1], wrapped[lines - 1][: width - 1] + "\u2026"]
+    return "\n".join(wrapped)
+
+
 def _merged_bars(results_list: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, Any]]:
     """(label, normalized, ci) of every row except base and individual, across files."""
     several = len({r.get("suite") for r in results_list}) > 1
@@ -40,7 +49,7 @@ def _merged_bars(results_list: Sequence[Mapping[str, Any]]) -> list[tuple[str, f
         for row in res["rows"]:
             if row["name"] in ("base", "individual") or row.get("normalized") is None:
                 continue
-            label = row_label(row) + (f"\n[{res.get('suite')}]" if several else "")
+            label = _short(row_label(row)) + (f"\n[{res.get('suite')}]" if several else "")
             bars.append((label, float(row["normalized"]), row.get("ci")))
     return bars
 
@@ -74,7 +83,7 @@ def plot_normalized(results_list: Sequence[Mapping[str, Any]], out_png: str | Pa
     )
     if base is not None:
         ax.axhline(base, color=BASE_COLOR, ls="--", lw=1.2, label=f"base ({base:.1f})")
-    ax.set_xticks(list(xs), [b[0] for b in bars], rotation=30, ha="right")
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=7)
     ax.set_ylabel("normalized score (%)")
     values = [*heights, *(h + e for h, e in zip(heights, highs, strict=True)), 100.0]
     low = min([*heights, base if base is not None else 100.0, 100.0])
