@@ -15,6 +15,8 @@ from starmerge.eval.demo_train import applied, load_adapter, load_backbone, pool
 from starmerge.eval.results import validate_results
 from starmerge.methods import METHODS
 
+TRAINED = "localize_stitch mode=trained"
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -33,7 +35,7 @@ def _rows(data):
 def test_files_appear_and_the_json_is_valid(runs):
     root, first, _ = runs
     files = {k: Path(v) for k, v in first["files"].items()}
-    assert set(files) == {"results", "table", "normalized", "report"}
+    assert set(files) == {"results", "table", "costs", "normalized", "report"}
     assert all(p.parent == root / "out" and p.is_file() for p in files.values())
     stored = json.loads(files["results"].read_text())
     assert validate_results(stored) == []
@@ -50,7 +52,9 @@ def test_every_method_is_a_row(runs):
     assert first["failed"] == {}
     assert first["skipped"] == []  # at their defaults the demo provides every method's data
     names = [row["name"] for row in first["rows"]]
-    assert names == ["base", "individual", *METHODS.names(), "task_arithmetic scaling=0.3"]
+    assert names == ["base", "individual", *METHODS.names(), "task_arithmetic scaling=0.3",
+                     TRAINED]  # fmt: skip
+    assert _rows(first)[TRAINED]["parameters"]["mode"] == "trained"
     assert _rows(first)["star"]["parameters"] == {"eta": 40.0}
 
 
@@ -70,9 +74,54 @@ def test_data_methods_use_training_statistics(runs):
             assert meta["kinds"] == want and entry.startswith(meta["adapter"])
         assert "statistics" not in rows[method]["parameters"]
     assert first["data_used"]["localize_stitch"] == {"data": "none"}  # dataless by default
-    assert set(first["timing"]["stats_s"]) == {"gram_in", "fisher"}
+    assert set(first["timing"]["stats_s"]) == {"gram_in", "fisher", "masks"}
     assert second["timing"]["stats_s"] == {}  # the cached statistics are reused
     assert set(first["timing"]["merge_s"]) == {r["name"] for r in first["rows"][2:]}
+
+
+def test_trained_masks_come_from_training_items_and_lower_the_training_loss(runs):
+    """Each task's trained masks beat the dataless top-k mask of as many entries on its loss."""
+    from starmerge.eval.assets import load_task
+    from starmerge.eval.demo_env import cpu_threads
+    from starmerge.eval.demo_train import split_task
+    from starmerge.stats.reader import StatsFile
+
+    root, first, _ = runs
+    used, n, cache = first["data_used"][TRAINED], demo.FAST["n_stats"], root / "cache/demo/minilm"
+    assert used["split"] == "train" and used["n"] == n and used["kinds"] == ["masks"]
+    assert used["masks"]["sparsity"] == 0.01 and used["masks"]["steps"] == 10
+    assert all(0 < s < 0.1 for s in used["sparsity"]) and 0 <= used["overlap_fraction"] < 1
+    fisher = first["data_used"]["fisher_merging"]["entries"]  # the statistics' items
+    items = {m["task"]: m["items"] for m in (entry_meta(cache / "stats" / e) for e in fisher)}
+    tokenizer, encoder = load_backbone()
+    for task, entry in zip(first["tasks"], used["entries"], strict=True):
+        meta, masks = entry_meta(cache / "stats" / entry), StatsFile(cache / "stats" / entry)
+        assert meta["split"] == "train" and meta["items"] == items[task]  # the statistics' items
+        train, _ = split_task(load_task(task), demo.FAST["n_train"], demo.FAST["n_test"], 0)
+        batch = tokenizer([train.texts[i] for i in meta["items"]], truncation=True, padding=True,
+                          max_length=demo.FAST["max_length"], return_tensors="pt")  # fmt: skip
+        labels = torch.tensor([train.labels[i] for i in meta["items"]])
+        adapter = load_adapter(cache / first["tasks"][task]["adapter"])
+        taus = {k: d.to_dense() for k, d in adapter.deltas.items()}
+        trained = {k: masks.get(f"{k}::mask") & (t != 0) for k, t in taus.items()}
+        kept = sum(int(m.sum()) for m in trained.values())
+        cut = torch.cat([t.abs().flatten() for t in taus.values()]).topk(kept).values[-1]
+        top_k = {k: (t.abs() >= cut) & (t != 0) for k, t in taus.items()}
+        with cpu_threads():  # as the demo runs (two threads on a busy 2-core VM: 20x slower)
+            losses = [_loss(encoder, adapter, batch, labels, {k: t * m[k] for k, t in taus.items()})
+                      for m in (trained, top_k)]  # fmt: skip
+        assert losses[0] < losses[1], (task, losses)
+        assert meta["loss"]["trained"] == pytest.approx(losses[0], abs=1e-3)
+
+
+def _loss(encoder, adapter, batch, labels, deltas) -> float:
+    """Mean cross-entropy of ``adapter``'s head on base + ``deltas`` (mean pooling)."""
+    from starmerge.tensors.delta import Dense
+
+    with torch.no_grad(), applied(encoder, {k: Dense(d) for k, d in deltas.items()}):
+        hidden = pooled(encoder, batch["input_ids"], batch["attention_mask"])
+    logits = hidden @ adapter.head_weight.T + adapter.head_bias
+    return float(torch.nn.functional.cross_entropy(logits, labels))
 
 
 def test_each_adapter_beats_the_base_on_its_task(runs):
@@ -158,3 +207,19 @@ def test_full_mode_writes_the_sweep_and_curve(runs, monkeypatch, capsys):
     assert (root / "full" / "eta_sweep.png").is_file() and (root / "full" / "curve.png").is_file()
     out = capsys.readouterr().out
     assert "individual" in out and "Normalized" in out and "report.html" in out
+
+
+def test_costs_put_every_merge_side_by_side(runs):
+    """Data used, statistics time, merge time and memory per merge (issue 6's benchmark)."""
+    _, first, _ = runs
+    merges = [row["name"] for row in first["rows"] if row["name"] not in ("base", "individual")]
+    timing = first["timing"]
+    assert set(timing["merge_s"]) == set(timing["merge_peak_bytes"]) == set(merges)
+    lines = Path(first["files"]["costs"]).read_text().splitlines()
+    assert lines[0].split()[0] == "Merge" and len(lines) == 2 + len(merges)
+    by_name = {line.split()[0] + (" " + line.split()[1] if "=" in line.split()[1] else ""): line
+               for line in lines[2:]}  # fmt: skip
+    n = demo.FAST["n_stats"]
+    assert f"{n} train items (gram_in)" in by_name["regmean"]
+    assert f"{n} train items (fisher)" in by_name["fisher_merging"]
+    assert " none " in by_name["simple_average"]

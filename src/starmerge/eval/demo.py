@@ -59,8 +59,10 @@ DECODER = MappingProxyType(dict(
 #: ``--model gemma-270m --fast``: 3 tasks, few steps (the slow integration test).
 DECODER_FAST = MappingProxyType(dict(DECODER, tasks=["news", "langid", "trivia"], steps=12,
                                      n_train=96, n_test=24, n_stats=8))  # fmt: skip
-#: Rows beside every method at its defaults: task arithmetic at a commonly tuned scaling.
-EXTRA_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (("task_arithmetic", {"scaling": 0.3}),)
+#: Rows beside every method at its defaults: task arithmetic at a commonly tuned scaling, and
+#: Localize-and-Stitch with masks trained on each task's training items (demo_masks).
+EXTRA_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("task_arithmetic", {"scaling": 0.3}), ("localize_stitch", {"mode": "trained"}))  # fmt: skip
 ETAS = tuple(range(10, 101, 10))
 CURVE_METHODS = ("simple_average", "task_arithmetic", "ties", "star")
 CURVE_SUBSETS = 3  # random task subsets per number of tasks
@@ -214,15 +216,15 @@ class _Demo:
         """(row name, method, parameters) per merge; skipped: data the demo cannot provide."""
         from starmerge.methods import METHODS
 
+        names = METHODS.names() if methods is None else methods
+        candidates = [(name, name, {}) for name in names] + [
+            (" ".join([name, *(f"{k}={v}" for k, v in given.items())]), name, given)
+            for name, given in EXTRA_ROWS if name in names]  # fmt: skip
         rows = []
-        for name in METHODS.names() if methods is None else methods:
-            if self.stats.unavailable(name, METHODS.get(name).resolve({})):
-                self.skipped.append(name)
+        for label, name, given in candidates:
+            if self.stats.unavailable(name, METHODS.get(name).resolve(given)):
+                self.skipped.append(label)
             else:
-                rows.append((name, name, {}))
-        for name, given in EXTRA_ROWS:
-            if any(r[1] == name for r in rows):
-                label = " ".join([name, *(f"{k}={v}" for k, v in given.items())])
                 rows.append((label, name, given))
         resolved = [(r, m, METHODS.get(m).resolve(p)) for r, m, p in rows]
         return [(r, m, {k: v for k, v in p.items() if v is not None}) for r, m, p in resolved]

@@ -6,6 +6,8 @@ own *training* items (a seeded choice; never test items). Each (task adapter, ki
 written once into the demo cache as a statistics entry (``index.json`` records the split, n,
 the items and the cost) and its path is passed to ``merge_deltas`` as ``statistics``. Only the
 kinds a method's parameters need (``starmerge.stats.requests.data_request``) are collected.
+Trained Localize-and-Stitch masks (``mode: trained``) come from the same items and batches, one
+cached entry per (adapter, n, mask settings): see :mod:`starmerge.eval.demo_masks`.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class DemoStatistics:
         if req is None:
             return None
         if req.masks is not None:
-            return "needs trained Localize-and-Stitch masks, which the demo does not train"
+            return None if self._trains_masks() else (
+                "needs trained Localize-and-Stitch masks, and this tier gives no task loss "
+                "to train them with")  # fmt: skip
         if req.fisher != "empirical":
             return f"needs {req.fisher!r} Fisher labels; the demo collects empirical ones"
         return None
@@ -80,7 +84,10 @@ class DemoStatistics:
         reason = self.unavailable(method, params)
         if reason:
             raise StarmergeError(f"{method}: {reason}")
-        paths = [self.entry(t, req.kinds) for t in tasks]
+        if req.masks is not None:
+            paths = [self.mask_entry(t, req.masks) for t in tasks]
+        else:
+            paths = [self.entry(t, req.kinds) for t in tasks]
         return {**params, "statistics": [str(p) for p in paths]}
 
     def used(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,6 +95,8 @@ class DemoStatistics:
         req = self.request(method, params)
         if req is None:
             return {"data": "none"}
+        if req.masks is not None:
+            return self._masks_used(req.masks)
         kinds = list(req.kinds)
         return {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
                 "kinds": kinds, "fisher": req.fisher if "fisher" in kinds else None,
@@ -118,17 +127,62 @@ class DemoStatistics:
         self.entries[(task, label)] = path
         return path
 
+    def mask_entry(self, task: str, settings: Mapping[str, Any]) -> Path:
+        """The cached trained-mask entry of ``task`` for ``settings``, training it when missing."""
+        from starmerge.eval import demo_masks
+        from starmerge.stats.cache import StatsWriter, entry_path
+
+        adapter = self.adapters[task]
+        key = demo_masks.mask_key(adapter, settings, self.n)
+        path = entry_path(self.root, key)
+        if path is None:
+            items = self._items(task)
+            meta = {"task": task, "split": "train", "n": len(items), "masks": dict(settings),
+                    "adapter": adapter.path.name, "seed": self.seed,
+                    "max_length": self.max_length, "items": items}  # fmt: skip
+            pset = settings.get("parameter_set", "blocks")
+            taus = demo_masks.task_taus(self.adapters, task, pset)
+            batches, loss_fn = self._task_batches(task, items)
+            start = time.perf_counter()
+            with StatsWriter(self.root, key, meta) as writer:
+                peak = demo_masks.train_entry(writer, self.encoder, taus, batches, loss_fn,
+                                              settings)  # fmt: skip
+                writer.meta.update(seconds=round(time.perf_counter() - start, 3), peak_bytes=peak)
+            path = self.root / key
+            self.seconds["masks"] = round(self.seconds.get("masks", 0.0)
+                                          + time.perf_counter() - start, 3)  # fmt: skip
+            self.peak_bytes["masks"] = max(self.peak_bytes.get("masks", 0), peak)
+        self.entries[(task, demo_masks.settings_label(settings))] = path
+        return path
+
+    def _masks_used(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The trained-mask row's data: items, entries, per-task sparsity, overlap and losses."""
+        from starmerge.eval.demo_masks import mask_summary, settings_label
+
+        label = settings_label(settings)
+        tasks = [t for t in self.adapters if (t, label) in self.entries]
+        paths = [self.entries[(t, label)] for t in tasks]
+        out = {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
+               "kinds": ["masks"], "masks": dict(settings),
+               "entries": [p.name for p in paths]}  # fmt: skip
+        if len(tasks) == len(self.adapters):
+            out.update(mask_summary(self.adapters, paths, settings.get("parameter_set", "blocks")))
+            out["loss"] = {t: entry_meta(p)["loss"] for t, p in zip(tasks, paths, strict=True)}
+        return out
+
     def _items(self, task: str) -> list[int]:
         """A seeded choice of ``n`` training-item indices."""
         train = self.train[task]
         gen = torch.Generator().manual_seed(_seed_for(task, self.seed) + 2)
         return sorted(torch.randperm(len(train), generator=gen)[: self.n].tolist())
 
-    def _collect(self, task: str, items: list[int], kinds: Sequence[str], sink) -> int:
-        """Run the collector on base + ``task``'s adapter and head; return the peak bytes."""
-        from starmerge.stats import ByteCounter, collect_statistics
-        from starmerge.stats.hf import make_mask_fn
+    def _trains_masks(self) -> bool:
+        """Heads give the mask loss; a tier without heads overrides :meth:`_task_batches`."""
+        own = type(self)._task_batches is not DemoStatistics._task_batches
+        return own or all(a.head_weight is not None for a in self.adapters.values())
 
+    def _task_batches(self, task: str, items: list[int]) -> tuple[list[dict[str, Tensor]], Any]:
+        """``items``' batches and the per-example loss: mean pooling, ``task``'s head, CE."""
         adapter, train = self.adapters[task], self.train[task]
         texts = [train.texts[i] for i in items]
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
@@ -144,6 +198,15 @@ class DemoStatistics:
             logits = pooled(model, batch["input_ids"], batch["attention_mask"]) @ weight.T + bias
             return F.cross_entropy(logits, batch["labels"], reduction="none")
 
+        return batches, loss_fn
+
+    def _collect(self, task: str, items: list[int], kinds: Sequence[str], sink) -> int:
+        """Run the collector on base + ``task``'s adapter and head; return the peak bytes."""
+        from starmerge.stats import ByteCounter, collect_statistics
+        from starmerge.stats.hf import make_mask_fn
+
+        adapter = self.adapters[task]
+        batches, loss_fn = self._task_batches(task, items)
         modules = [k.removesuffix(".weight") for k in adapter.deltas]  # the deltas' own keys
         counter = ByteCounter()
         with applied(self.encoder, adapter.deltas):
@@ -162,14 +225,20 @@ def write_outputs(data: dict[str, Any], out: Path, stem: str, echo: bool) -> dic
     """Results JSON, table, plots and HTML report; prints the table when ``echo``."""
     import os
 
+    from starmerge.report.costs import render_costs
     from starmerge.report.html import write_html
     from starmerge.report.plots import plot_curve, plot_eta_sweep, plot_normalized
     from starmerge.report.tables import render_table
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"results": out / f"{stem}.json", "table": out / "table.txt"}
-    table = render_table(data)
+    files = {
+        "results": out / f"{stem}.json",
+        "table": out / "table.txt",
+        "costs": out / "costs.txt",
+    }
+    table, costs = render_table(data), render_costs(data)
     files["table"].write_text(table + "\n", encoding="utf-8")
+    files["costs"].write_text(costs + "\n", encoding="utf-8")
     files["normalized"] = plot_normalized([data], out / "normalized.png")
     images = [files["normalized"]]
     if "eta_sweep" in data:
@@ -177,13 +246,13 @@ def write_outputs(data: dict[str, Any], out: Path, stem: str, echo: bool) -> dic
         files["eta_sweep"] = plot_eta_sweep(data["eta_sweep"], out / "eta_sweep.png", base=base)
         files["curve"] = plot_curve(data["curve"], out / "curve.png")
         images += [files["eta_sweep"], files["curve"]]
-    title = "starmerge demo: LoRA adapters of all-MiniLM-L6-v2 merged"
+    title = f"starmerge demo: LoRA adapters of {data.get('model', 'the demo model')} merged"
     files["report"] = write_html([data], out / "report.html", images, title=title)
     written = {k: str(v) for k, v in files.items()}
     tmp = files["results"].with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({**data, "files": written}, indent=1, default=str) + "\n")
     os.replace(tmp, files["results"])
     if echo:
-        print(table)
+        print(table, costs, sep="\n\n")
         print("\n".join(f"{k}: {v}" for k, v in written.items()))
     return written

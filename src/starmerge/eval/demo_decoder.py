@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from starmerge.eval.demo_train import (
     Recipe,
     TaskAdapter,
     _seed_for,
-    applied,
     train_meta,
     write_adapter_dir,
 )
@@ -185,25 +184,15 @@ class DecoderTier:
 
 
 class DecoderStatistics(DemoStatistics):
-    """The demo's statistics with the decoder's loss: the answer tokens' cross-entropy."""
+    """The demo's statistics and trained masks with the decoder's loss: the answer tokens' CE."""
 
     tier: DecoderTier
 
-    def _collect(self, task: str, items: list[int], kinds: Sequence[str], sink: Any) -> int:
-        """Run the collector on base + ``task``'s adapter; return the peak bytes."""
-        from starmerge.stats import ByteCounter, collect_statistics
-        from starmerge.stats.hf import make_mask_fn
-
-        adapter = self.adapters[task]
+    def _task_batches(self, task: str, items: list[int]) -> tuple[list[dict[str, Tensor]], Any]:
+        """``items``' prompt + answer batches and each item's answer-token cross-entropy."""
         subset = self.train[task].subset(items)
         encoded = encode_items(self.tier.backend, self.tier.prompter, subset)
         pad = self.tokenizer.pad_token_id
         batches = [answer_batch(encoded[s : s + BATCH_SIZE], pad)
                    for s in range(0, len(encoded), BATCH_SIZE)]  # fmt: skip
-        modules = [k.removesuffix(".weight") for k in adapter.deltas]
-        counter = ByteCounter()
-        with applied(self.encoder, adapter.deltas):
-            collect_statistics(self.encoder, batches, partial(answer_loss, reduction="none"),
-                               modules, kinds, mask_fn=make_mask_fn("causal"), sink=sink,
-                               counter=counter)  # fmt: skip
-        return counter.peak
+        return batches, partial(answer_loss, reduction="none")

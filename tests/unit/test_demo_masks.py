@@ -1,0 +1,144 @@
+"""The demo's trained Localize-and-Stitch masks on a tiny random BERT (no model download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from starmerge.errors import StarmergeError  # noqa: E402
+from starmerge.eval.assets import TaskData  # noqa: E402
+from starmerge.eval.demo_data import DemoStatistics, entry_meta  # noqa: E402
+from starmerge.eval.demo_env import cpu_threads  # noqa: E402
+from starmerge.eval.demo_masks import mask_key, task_taus, top_k  # noqa: E402
+from starmerge.eval.demo_train import TaskAdapter, pooled  # noqa: E402
+from starmerge.methods import METHODS  # noqa: E402
+from starmerge.tensors.delta import Dense  # noqa: E402
+
+TRAINED = METHODS.get("localize_stitch").resolve({"mode": "trained"})
+
+
+class WordIds:
+    """A tokenizer stand-in: word i of the vocabulary -> id i + 1."""
+
+    vocab = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree")
+
+    def __call__(self, texts, truncation=True, max_length=8):
+        return {"input_ids": [[self.vocab.index(w) + 1 for w in t.split()][:max_length]
+                              for t in texts]}  # fmt: skip
+
+
+def _encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    return transformers.BertModel(config).eval()
+
+
+def _task() -> TaskData:
+    """Colours (label 0) against animals and sky (label 1): 48 short texts."""
+    g = torch.Generator().manual_seed(1)
+    texts, labels = [], []
+    for i in range(48):
+        words = WordIds.vocab[:3] if i % 2 == 0 else WordIds.vocab[3:]
+        picks = torch.randint(len(words), (3,), generator=g).tolist()
+        texts.append(" ".join(words[p] for p in picks))
+        labels.append(i % 2)
+    return TaskData("toy", tuple(texts), tuple(labels), ("colour", "thing"), "test")
+
+
+def _adapter(encoder, task, tmp_path) -> TaskAdapter:
+    """A task vector on the block weights, fitted for a fixed random head (then undone)."""
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 2)
+    keys = [k for k, _ in encoder.named_parameters() if ".layer." in k and k.endswith("weight")]
+    params = dict(encoder.named_parameters())
+    start = {k: params[k].detach().clone() for k in keys}
+    optimizer = torch.optim.Adam([params[k] for k in keys], lr=1e-2)
+    ids = WordIds()(list(task.texts))["input_ids"]
+    input_ids, mask = torch.tensor(ids), torch.ones(len(ids), 3, dtype=torch.long)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(head(pooled(encoder, input_ids, mask)),
+                                                 torch.tensor(task.labels))  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    deltas = {k: Dense(params[k].detach() - start[k]) for k in keys}
+    with torch.no_grad():
+        for k in keys:
+            params[k].copy_(start[k])
+    path = tmp_path / "toy-0123456789abcdef"
+    return TaskAdapter("toy", deltas, head.weight.detach(), head.bias.detach(), path, {})
+
+
+@pytest.fixture
+def setting(tmp_path):
+    """Statistics over one toy task; torch threads as the demo picks them (a busy VM: one)."""
+    with cpu_threads():
+        encoder, task = _encoder(), _task()
+        adapter = _adapter(encoder, task, tmp_path)
+        yield DemoStatistics(encoder, WordIds(), {"toy": adapter}, {"toy": task}, tmp_path, n=32,
+                             seed=0, max_length=8, model="tiny"), adapter  # fmt: skip
+
+
+def test_trained_masks_lower_the_training_loss_and_are_cached(setting):
+    stats, adapter = setting
+    settings = {**stats.request("localize_stitch", {**TRAINED, "lr": 1e5}).masks}
+    before = {k: p.detach().clone() for k, p in stats.encoder.named_parameters()}
+    params = stats.complete("localize_stitch", ["toy"], {**TRAINED, "lr": 1e5})
+    (path,) = params["statistics"]
+    meta = entry_meta(path)
+    assert meta["split"] == "train" and meta["n"] == 32 == len(meta["items"])
+    assert meta["loss"]["trained"] < meta["loss"]["top_k"]  # the issue's requirement
+    assert meta["mask_losses"][-1] < meta["mask_losses"][0]
+    assert stats.seconds["masks"] > 0 and stats.peak_bytes["masks"] >= 0
+    for k, p in stats.encoder.named_parameters():  # theta_0 restored exactly
+        assert torch.equal(p, before[k]), k
+    assert path.endswith(mask_key(adapter, settings, 32))
+    stats.seconds.clear()
+    assert stats.complete("localize_stitch", ["toy"], {**TRAINED, "lr": 1e5}) == params
+    assert stats.seconds == {}  # read from the cache
+    used = stats.used("localize_stitch", {**TRAINED, "lr": 1e5})
+    assert used["kinds"] == ["masks"] and used["split"] == "train" and used["n"] == 32
+    assert used["kept"] == [meta["kept"]] and used["overlap_fraction"] == 0.0
+    assert used["loss"] == {"toy": meta["loss"]}
+
+
+def test_the_cache_key_covers_adapter_settings_and_n(tmp_path):
+    adapter = TaskAdapter("toy", {}, None, None, tmp_path / "toy-0123456789abcdef", {})
+    a = mask_key(adapter, {"steps": 10, "lr": 1e7}, 16)
+    assert a == mask_key(adapter, {"lr": 1e7, "steps": 10}, 16)  # order does not matter
+    assert a.startswith("toy-0123456789abcdef-masks-") and a.endswith("-n16-v1")
+    assert len({a, mask_key(adapter, {"steps": 5, "lr": 1e7}, 16),
+                mask_key(adapter, {"steps": 10, "lr": 1e7}, 64)}) == 3  # fmt: skip
+
+
+def test_task_taus_cover_every_adapter_key_in_p():
+    big = torch.ones(2, 2)
+    a = TaskAdapter("a", {"layer.0.q.weight": Dense(big), "emb.weight": Dense(big)}, None, None,
+                    None, {})  # fmt: skip
+    b = TaskAdapter("b", {"layer.1.q.weight": Dense(big)}, None, None, None, {})
+    taus = task_taus({"a": a, "b": b}, "a", "blocks")
+    assert set(taus) == {"layer.0.q.weight", "layer.1.q.weight"}  # embeddings are not in P
+    assert torch.equal(taus["layer.1.q.weight"], torch.zeros(2, 2))
+    assert set(task_taus({"a": a, "b": b}, "a", "all")) == {*taus, "emb.weight"}
+
+
+def test_top_k_keeps_k_entries_and_never_a_zero():
+    taus = {"x": torch.tensor([3.0, -1.0, 0.0]), "y": torch.tensor([-2.0, 0.5])}
+    masks = top_k(taus, 2)
+    assert masks["x"].tolist() == [True, False, False] and masks["y"].tolist() == [True, False]
+    assert not any(m.any() for m in top_k(taus, 0).values())
+
+
+def test_a_tier_without_heads_cannot_train_masks(tmp_path):
+    adapter = TaskAdapter("toy", {}, None, None, tmp_path / "toy-0", {})
+    stats = DemoStatistics(None, None, {"toy": adapter}, {}, tmp_path, 4, 0, 8)
+    reason = stats.unavailable("localize_stitch", TRAINED)
+    assert reason == ("needs trained Localize-and-Stitch masks, and this tier gives no task "
+                      "loss to train them with")  # fmt: skip
+    with pytest.raises(StarmergeError, match=f"^localize_stitch: {reason}$"):
+        stats.complete("localize_stitch", ["toy"], TRAINED)
+    assert stats.unavailable("localize_stitch", {"mode": "dataless"}) is None
