@@ -97,11 +97,12 @@ class DemoStatistics:
             return {"data": "none"}
         if req.masks is not None:
             return self._masks_used(req.masks)
-        kinds = list(req.kinds)
+        kinds, label = list(req.kinds), "+".join(req.kinds)
+        paths = [self.entries[(t, label)] for t in self.adapters if (t, label) in self.entries]
         return {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
                 "kinds": kinds, "fisher": req.fisher if "fisher" in kinds else None,
-                "entries": [self.entries[(t, "+".join(kinds))].name for t in self.adapters
-                            if (t, "+".join(kinds)) in self.entries]}  # fmt: skip
+                "entries": [p.name for p in paths],
+                "seconds": _recorded_seconds(paths)}  # fmt: skip
 
     def entry(self, task: str, kinds: Sequence[str]) -> Path:
         """The cached statistics entry of ``task`` for ``kinds``, collecting it when missing."""
@@ -164,7 +165,7 @@ class DemoStatistics:
         paths = [self.entries[(t, label)] for t in tasks]
         out = {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
                "kinds": ["masks"], "masks": dict(settings),
-               "entries": [p.name for p in paths]}  # fmt: skip
+               "entries": [p.name for p in paths], "seconds": _recorded_seconds(paths)}  # fmt: skip
         if len(tasks) == len(self.adapters):
             out.update(mask_summary(self.adapters, paths, settings.get("parameter_set", "blocks")))
             out["loss"] = {t: entry_meta(p)["loss"] for t, p in zip(tasks, paths, strict=True)}
@@ -214,6 +215,11 @@ class DemoStatistics:
                                mask_fn=make_mask_fn("classifier"), sink=sink,
                                counter=counter)  # fmt: skip
         return counter.peak
+
+
+def _recorded_seconds(paths: Sequence[Path]) -> float:
+    """What collecting ``paths`` cost when they were written (this run or an earlier one)."""
+    return round(sum(entry_meta(p).get("seconds", 0.0) for p in paths), 3)
 
 
 def entry_meta(path: str | Path) -> dict[str, Any]:
