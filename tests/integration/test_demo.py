@@ -45,6 +45,7 @@ def test_files_appear_and_the_json_is_valid(runs):
     assert files["normalized"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = files["report"].read_text()
     assert "data:image/png;base64," in html and "simple_average" in html
+    assert "<h3>Costs per merge</h3>" in html  # the costs table, beside the scores
 
 
 def test_every_method_is_a_row(runs):

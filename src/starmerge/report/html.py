@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from starmerge.report.costs import cost_cells
 from starmerge.report.tables import table_cells
 
 CSS = """
@@ -31,7 +32,12 @@ pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 12px; }
 
 def html_table(results: Mapping[str, Any]) -> str:
     """The comparison table (same cells as the text table) as an HTML ``<table>``."""
-    header, *rows = table_cells(results)
+    return _table(table_cells(results))
+
+
+def _table(lines: list[list[str]]) -> str:
+    """Header + rows as an HTML ``<table>``; base and individual rows in the reference style."""
+    header, *rows = lines
     head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     body = []
     for cells in rows:
@@ -53,10 +59,12 @@ def _section(results: Mapping[str, Any]) -> str:
     meta += f" · git {results.get('git') or 'unknown'}"
     tasks = ", ".join(f"{t} ({s['metric']}, n={s['n']})" for t, s in results["tasks"].items())
     details = {k: results.get(k) for k in ("config", "versions", "tasks")}
+    lines = cost_cells(results)  # demo runs: what each merge cost, side by side
+    costs = f"<h3>Costs per merge</h3>{_table(lines)}" if len(lines) > 1 else ""
     return (
         f"<h2>{html.escape(title)}</h2>"
         f'<p class="meta">{html.escape(meta)}<br>tasks: {html.escape(tasks)}</p>'
-        f"{html_table(results)}"
+        f"{html_table(results)}{costs}"
         "<details><summary>Configuration and versions</summary>"
         f"<pre>{html.escape(json.dumps(details, indent=2, default=str))}</pre></details>"
     )
