@@ -103,6 +103,20 @@ def make_adapter(
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one torch thread (and do not fight other processes for cores).
+
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random llama, mistral and t5 models saved as HF directories."""

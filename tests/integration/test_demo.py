@@ -11,7 +11,8 @@ import torch
 from starmerge.errors import InputError
 from starmerge.eval import demo
 from starmerge.eval.demo_data import entry_meta
-from starmerge.eval.demo_train import applied, load_adapter, load_backbone, pooled
+from starmerge.eval.demo_encoder import load_backbone, pooled
+from starmerge.eval.demo_train import applied, load_adapter
 from starmerge.eval.results import validate_results
 from starmerge.methods import METHODS
 

@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from starmerge.cli_sweep import reproduce as reproduce_cmd
@@ -25,15 +24,9 @@ from starmerge.sweep import ResultsStore, Runtime
 
 pytest.importorskip("peft")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FLAN = ["mnli", "qqp", "hella", "boolq"]  # two FusionBench-style adapters, two full checkpoints
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from starmerge.cli import main
 from starmerge.errors import StarmergeError
@@ -24,17 +23,11 @@ from starmerge.sweep import DataOptions, ResultsStore, Runtime, run_sweep, sweep
 
 pytest.importorskip("peft")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TASKS = ["mnli", "qqp", "finance", "hella"]  # two adapters, two full checkpoints
 DATA = DataOptions(n_examples=4, batch_size=2)
 TRAINED = {"mode": "trained", "steps": 2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ transformers = pytest.importorskip("transformers")
 from starmerge.errors import StarmergeError  # noqa: E402
 from starmerge.eval.assets import TaskData  # noqa: E402
 from starmerge.eval.demo_data import DemoStatistics, entry_meta  # noqa: E402
+from starmerge.eval.demo_encoder import pooled  # noqa: E402
 from starmerge.eval.demo_env import cpu_threads  # noqa: E402
 from starmerge.eval.demo_masks import mask_key, task_taus, top_k  # noqa: E402
-from starmerge.eval.demo_train import TaskAdapter, pooled  # noqa: E402
+from starmerge.eval.demo_train import TaskAdapter  # noqa: E402
 from starmerge.methods import METHODS  # noqa: E402
 from starmerge.tensors.delta import Dense  # noqa: E402
 

@@ -8,18 +8,9 @@ from starmerge.suites.tiny import make_tiny_suite
 from starmerge.sweep import ResultsStore, Runtime, run_sweep, sweep_from_dict
 
 pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = ["wino", "qasc", "ncbi"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

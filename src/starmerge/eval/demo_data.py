@@ -24,7 +24,7 @@ from torch import Tensor
 
 from starmerge.errors import StarmergeError
 from starmerge.eval.assets import TaskData
-from starmerge.eval.demo_train import TaskAdapter, _seed_for, applied, collate, pooled
+from starmerge.eval.demo_train import TaskAdapter, _seed_for, applied
 
 STATS_VERSION = 1  # bump when collection changes what an entry holds
 BATCH_SIZE = 16
@@ -184,6 +184,8 @@ class DemoStatistics:
 
     def _task_batches(self, task: str, items: list[int]) -> tuple[list[dict[str, Tensor]], Any]:
         """``items``' batches and the per-example loss: mean pooling, ``task``'s head, CE."""
+        from starmerge.eval.demo_encoder import collate, pooled  # the encoder tier's
+
         adapter, train = self.adapters[task], self.train[task]
         texts = [train.texts[i] for i in items]
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]

@@ -33,6 +33,7 @@ from starmerge.eval.demo_train import (
     Recipe,
     TaskAdapter,
     _seed_for,
+    run_steps,
     train_meta,
     write_adapter_dir,
 )
@@ -103,26 +104,13 @@ def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress:
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config)  # injects LoRA into `model` in place
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / recipe.steps)
     generator = torch.Generator().manual_seed(_seed_for(train.name, seed) + 1)
-    order: list[int] = []
-    recent: list[float] = []
+    pad = tokenizer.pad_token_id
     start = time.perf_counter()
     model.train()
     bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
-    for _ in bar:
-        if len(order) < recipe.batch_size:  # a new epoch, reshuffled
-            order += torch.randperm(len(items), generator=generator).tolist()
-        batch, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        loss = answer_loss(model, answer_batch([items[i] for i in batch], tokenizer.pad_token_id))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        recent = (recent + [loss.item()])[-10:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-    loss = sum(recent) / len(recent)
+    loss = run_steps(params, lambda batch: answer_loss(model, answer_batch(
+        [items[i] for i in batch], pad)), len(items), recipe, generator, bar)  # fmt: skip
     write_adapter_dir(path, peft_model, train_meta(train, recipe, seed, start, loss))
 
 

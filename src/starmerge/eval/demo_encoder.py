@@ -1,23 +1,107 @@
 """The demo's default tier: all-MiniLM-L6-v2 with one LoRA adapter and linear head per task.
 
 A merged backbone is scored with every task's own head (:class:`ClassifierHeadBackend`); the
-base backbone with the same heads is the lower bound. Training lives in
-:mod:`starmerge.eval.demo_train` (the "joint recipe": adapter and head trained together).
+base backbone with the same heads is the lower bound. Each task's adapter is trained jointly
+with its head (the "joint recipe"); the cache, the recipe and the training loop it shares with
+the decoder tier live in :mod:`starmerge.eval.demo_train`.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from tqdm.auto import tqdm
 
-from starmerge.eval.assets import MODEL_PACKAGE, TaskData
+from starmerge.errors import InputError
+from starmerge.eval.assets import MODEL_PACKAGE, TaskData, model_path
 from starmerge.eval.demo_data import DemoStatistics
-from starmerge.eval.demo_train import Recipe, TaskAdapter, load_backbone
+from starmerge.eval.demo_env import quiet_transformers
+from starmerge.eval.demo_train import (
+    Recipe,
+    TaskAdapter,
+    _seed_for,
+    run_steps,
+    train_meta,
+    write_adapter_dir,
+)
 
 SUITE = "demo-minilm"
+
+
+def load_backbone(model: str = "minilm") -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and a plain encoder in eval mode.
+
+    Raises:
+        InputError: An unknown backbone name.
+    """
+    if model != "minilm":
+        raise InputError(f"demo model must be 'minilm', got {model!r}")
+    quiet_transformers()
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(model_path())
+    encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
+    return AutoTokenizer.from_pretrained(path), encoder.eval()
+
+
+def collate(ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest item: ``(input_ids, attention_mask)``, both ``(B, T)``."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids, mask
+
+
+def pooled(encoder: torch.nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the last hidden states over real tokens: ``(B, hidden)``."""
+    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
+                cache: Path | None = None) -> None:  # fmt: skip
+    """Train LoRA + head on ``train`` and write the adapter dir atomically to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer, encoder = load_backbone(recipe.model)
+    torch.manual_seed(_seed_for(train.name, seed))
+    targets = list(recipe.targets)
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(encoder, config)
+    head = torch.nn.Linear(encoder.config.hidden_size, len(train.label_names))
+    ids = tokenizer(list(train.texts), truncation=True, max_length=recipe.max_length)
+    generator = torch.Generator().manual_seed(_seed_for(train.name, seed) + 1)
+    bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
+    start = time.perf_counter()
+    loss = _fit(model, head, ids["input_ids"], torch.tensor(train.labels), recipe, generator, bar)
+    write_adapter_dir(path, model, train_meta(train, recipe, seed, start, loss), head)
+
+
+def _fit(model: torch.nn.Module, head: torch.nn.Linear, ids: list[list[int]], labels: Tensor,
+         recipe: Recipe, generator: torch.Generator, bar: Any) -> float:  # fmt: skip
+    """AdamW on LoRA + head with cross-entropy; returns the mean loss of the last 10 steps."""
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+
+    def batch_loss(batch: list[int]) -> Tensor:
+        logits = head(pooled(model, *collate([ids[i] for i in batch])))  # (B, n_labels)
+        return torch.nn.functional.cross_entropy(logits, labels[batch])
+
+    model.train()
+    loss = run_steps(params, batch_loss, len(ids), recipe, generator, bar)
+    model.eval()
+    return loss
 
 
 class EncoderTier:

@@ -16,7 +16,6 @@ import json
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from starmerge.errors import InputError, StarmergeError
-from starmerge.eval.assets import TaskData, model_path
-from starmerge.eval.demo_env import quiet_transformers
+from starmerge.eval.assets import TaskData
 from starmerge.tensors.delta import Delta
 
 CACHE_VERSION = 1  # bump when the training code changes what a recipe produces
@@ -72,40 +69,6 @@ class TaskAdapter:
     head_bias: Tensor | None  # (n_labels,)
     path: Path
     meta: dict[str, Any]
-
-
-def load_backbone(model: str = "minilm") -> tuple[Any, torch.nn.Module]:
-    """The tokenizer and a plain encoder in eval mode.
-
-    Raises:
-        InputError: An unknown backbone name.
-    """
-    if model != "minilm":
-        raise InputError(f"demo model must be 'minilm', got {model!r}")
-    quiet_transformers()
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(model_path())
-    encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
-    return AutoTokenizer.from_pretrained(path), encoder.eval()
-
-
-def collate(ids: list[list[int]]) -> tuple[Tensor, Tensor]:
-    """Right-pad to the longest item: ``(input_ids, attention_mask)``, both ``(B, T)``."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return input_ids, mask
-
-
-def pooled(encoder: torch.nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
-    """Mean of the last hidden states over real tokens: ``(B, hidden)``."""
-    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 @contextlib.contextmanager
@@ -167,7 +130,7 @@ def adapter_dir(cache_dir: Path, task: TaskData, recipe: Recipe, seed: int) -> P
 
 
 #: Backbone name -> its trainer ``(path, train, recipe, seed, progress, cache)``, lazily.
-TRAINERS = {"minilm": "starmerge.eval.demo_train:_train_into",
+TRAINERS = {"minilm": "starmerge.eval.demo_encoder:train_into",
             "gemma-270m": "starmerge.eval.demo_decoder:train_into"}  # fmt: skip
 
 
@@ -231,27 +194,6 @@ def _seed_for(task: str, seed: int) -> int:
     return int(hashlib.sha256(f"{task}:{seed}".encode()).hexdigest()[:8], 16)
 
 
-def _train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
-                cache: Path | None = None) -> None:  # fmt: skip
-    """Train LoRA + head on ``train`` and write the adapter dir atomically to ``path``."""
-    from peft import LoraConfig, get_peft_model
-
-    tokenizer, encoder = load_backbone(recipe.model)
-    torch.manual_seed(_seed_for(train.name, seed))
-    targets = list(recipe.targets)
-    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=targets)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = get_peft_model(encoder, config)
-    head = torch.nn.Linear(encoder.config.hidden_size, len(train.label_names))
-    ids = tokenizer(list(train.texts), truncation=True, max_length=recipe.max_length)
-    generator = torch.Generator().manual_seed(_seed_for(train.name, seed) + 1)
-    bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
-    start = time.perf_counter()
-    loss = _fit(model, head, ids["input_ids"], torch.tensor(train.labels), recipe, generator, bar)
-    write_adapter_dir(path, model, train_meta(train, recipe, seed, start, loss), head)
-
-
 def train_meta(train: TaskData, recipe: Recipe, seed: int, start: float,
                loss: float) -> dict[str, Any]:  # fmt: skip
     """What ``meta.json`` records about a training run."""
@@ -261,26 +203,34 @@ def train_meta(train: TaskData, recipe: Recipe, seed: int, start: float,
             "final_loss": round(loss, 4)}  # fmt: skip
 
 
-def _fit(model: torch.nn.Module, head: torch.nn.Linear, ids: list[list[int]], labels: Tensor,
-         recipe: Recipe, generator: torch.Generator, bar: Any) -> float:  # fmt: skip
-    """AdamW on LoRA + head with cross-entropy; returns the mean loss of the last 10 steps."""
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+def run_steps(params: list[torch.nn.Parameter], batch_loss: Any, n_items: int, recipe: Recipe,
+              generator: torch.Generator, bar: Any) -> float:  # fmt: skip
+    """``recipe.steps`` AdamW steps (lr decaying linearly to 0) on reshuffled batches of items.
+
+    Args:
+        params: What is trained.
+        batch_loss: ``batch_loss(item indices) -> scalar loss``.
+        n_items: The number of training items (an epoch is a seeded permutation of them).
+        recipe: Steps, batch size, learning rate.
+        generator: Seeds the permutations.
+        bar: An iterable of ``recipe.steps`` (a tqdm bar: the running loss is shown on it).
+
+    Returns:
+        The mean loss of the last 10 steps.
+    """
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / recipe.steps)
     order: list[int] = []
     recent: list[float] = []
-    model.train()
     for _ in bar:
         if len(order) < recipe.batch_size:  # a new epoch, reshuffled
-            order += torch.randperm(len(ids), generator=generator).tolist()
+            order += torch.randperm(n_items, generator=generator).tolist()
         batch, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        logits = head(pooled(model, *collate([ids[i] for i in batch])))  # (B, n_labels)
-        loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+        loss = batch_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         recent = (recent + [loss.item()])[-10:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-    model.eval()
     return sum(recent) / len(recent)
