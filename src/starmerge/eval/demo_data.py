@@ -102,7 +102,7 @@ class DemoStatistics:
         return {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
                 "kinds": kinds, "fisher": req.fisher if "fisher" in kinds else None,
                 "entries": [p.name for p in paths],
-                "seconds": _recorded_seconds(paths)}  # fmt: skip
+                **_recorded_cost(paths)}  # fmt: skip
 
     def entry(self, task: str, kinds: Sequence[str]) -> Path:
         """The cached statistics entry of ``task`` for ``kinds``, collecting it when missing."""
@@ -165,7 +165,7 @@ class DemoStatistics:
         paths = [self.entries[(t, label)] for t in tasks]
         out = {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
                "kinds": ["masks"], "masks": dict(settings),
-               "entries": [p.name for p in paths], "seconds": _recorded_seconds(paths)}  # fmt: skip
+               "entries": [p.name for p in paths], **_recorded_cost(paths)}  # fmt: skip
         if len(tasks) == len(self.adapters):
             out.update(mask_summary(self.adapters, paths, settings.get("parameter_set", "blocks")))
             out["loss"] = {t: entry_meta(p)["loss"] for t, p in zip(tasks, paths, strict=True)}
@@ -219,9 +219,11 @@ class DemoStatistics:
         return counter.peak
 
 
-def _recorded_seconds(paths: Sequence[Path]) -> float:
-    """What collecting ``paths`` cost when they were written (this run or an earlier one)."""
-    return round(sum(entry_meta(p).get("seconds", 0.0) for p in paths), 3)
+def _recorded_cost(paths: Sequence[Path]) -> dict[str, float | int]:
+    """What writing ``paths`` cost (this run or an earlier one): seconds in all, largest peak."""
+    metas = [entry_meta(p) for p in paths]
+    return {"seconds": round(sum(m.get("seconds", 0.0) for m in metas), 3),
+            "peak_bytes": max((m.get("peak_bytes", 0) for m in metas), default=0)}  # fmt: skip
 
 
 def entry_meta(path: str | Path) -> dict[str, Any]:
