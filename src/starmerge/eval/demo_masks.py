@@ -26,7 +26,7 @@ from starmerge.stats.collect import LossFn
 from starmerge.tensors.delta import Dense
 from starmerge.tensors.sparsify import kth_largest_abs
 
-MASKS_VERSION = 1  # bump when training changes what an entry holds
+MASKS_VERSION = 2  # bump when training changes what an entry holds (2: peak_bytes counted)
 
 
 def settings_label(settings: Mapping[str, Any]) -> str:
@@ -65,6 +65,10 @@ def train_entry(writer: Any, encoder: torch.nn.Module, taus: Mapping[str, Tensor
                 settings: Mapping[str, Any]) -> int:  # fmt: skip
     """Train one task's masks into ``writer`` (a ``StatsWriter``); return the peak bytes.
 
+    The peak is at least the trainer's own state, five float32 copies of P (theta_0, tau, the
+    logits, their gradient and the parameters' gradients), or the process's RSS growth during
+    training when that is larger (it adds activations, but misses memory the allocator reused).
+
     ``writer.meta`` gets ``mask_losses`` (the soft-mask loss before each step), ``kept`` and
     ``total`` (entries of P), and ``loss`` (the hard masks' training loss, ``trained``, beside
     the dataless top-k mask with as many entries, ``top_k``, and the whole task vector, ``full``).
@@ -87,7 +91,8 @@ def train_entry(writer: Any, encoder: torch.nn.Module, taus: Mapping[str, Tensor
         loss={name: round(masked_loss(encoder, taus, m, batches, loss_fn), 5)
               for name, m in (("trained", masks), ("top_k", top_k(taus, kept)), ("full", ones))},
     )  # fmt: skip
-    return max(0, memory.peak - at_start)
+    state = 5 * 4 * sum(t.numel() for t in taus.values())
+    return max(state, memory.peak - at_start)
 
 
 def top_k(taus: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
