@@ -9,8 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from starmerge.errors import StarmergeError  # noqa: E402
 from starmerge.eval.assets import TaskData  # noqa: E402
-from starmerge.eval.demo_data import DemoStatistics, entry_meta  # noqa: E402
-from starmerge.eval.demo_encoder import pooled  # noqa: E402
+from starmerge.eval.demo_data import entry_meta  # noqa: E402
+from starmerge.eval.demo_encoder import EncoderStatistics, pooled  # noqa: E402
 from starmerge.eval.demo_env import cpu_threads  # noqa: E402
 from starmerge.eval.demo_masks import MASKS_VERSION, mask_key, task_taus, top_k  # noqa: E402
 from starmerge.eval.demo_train import TaskAdapter  # noqa: E402
@@ -80,7 +80,7 @@ def setting(tmp_path):
     with cpu_threads():
         encoder, task = _encoder(), _task()
         adapter = _adapter(encoder, task, tmp_path)
-        yield DemoStatistics(encoder, WordIds(), {"toy": adapter}, {"toy": task}, tmp_path, n=32,
+        yield EncoderStatistics(encoder, WordIds(), {"toy": adapter}, {"toy": task}, tmp_path, n=32,
                              seed=0, max_length=8, model="tiny"), adapter  # fmt: skip
 
 
@@ -138,7 +138,7 @@ def test_top_k_keeps_k_entries_and_never_a_zero():
 
 def test_a_tier_without_heads_cannot_train_masks(tmp_path):
     adapter = TaskAdapter("toy", {}, None, None, tmp_path / "toy-0", {})
-    stats = DemoStatistics(None, None, {"toy": adapter}, {}, tmp_path, 4, 0, 8)
+    stats = EncoderStatistics(None, None, {"toy": adapter}, {}, tmp_path, 4, 0, 8)
     reason = stats.unavailable("localize_stitch", TRAINED)
     assert reason == ("needs trained Localize-and-Stitch masks, and this tier gives no task "
                       "loss to train them with")  # fmt: skip

@@ -1,8 +1,9 @@
 """Task statistics for the demo's data methods (MaTS, Fisher, RegMean), and its output files.
 
-For each task, the plain encoder with that task's adapter applied in memory (``applied``) plus
-that task's head is run by :func:`starmerge.stats.collect_statistics` over ``n`` of the task's
-own *training* items (a seeded choice; never test items). Each (task adapter, kind, n) is
+For each task, the plain model with that task's adapter applied in memory (``applied``) and the
+tier's task loss (the encoder's head, or the decoder's answer tokens: each tier subclasses
+:class:`DemoStatistics`) is run by :func:`starmerge.stats.collect_statistics` over ``n`` of the
+task's own *training* items (a seeded choice; never test items). Each (task adapter, kind, n) is
 written once into the demo cache as a statistics entry (``index.json`` records the split, n,
 the items and the cost) and its path is passed to ``merge_deltas`` as ``statistics``. Only the
 kinds a method's parameters need (``starmerge.stats.requests.data_request``) are collected.
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from starmerge.errors import StarmergeError
@@ -68,7 +68,7 @@ class DemoStatistics:
         if req is None:
             return None
         if req.masks is not None:
-            return None if self._trains_masks() else (
+            return None if self.has_task_loss() else (
                 "needs trained Localize-and-Stitch masks, and this tier gives no task loss "
                 "to train them with")  # fmt: skip
         if req.fisher != "empirical":
@@ -177,34 +177,19 @@ class DemoStatistics:
         gen = torch.Generator().manual_seed(_seed_for(task, self.seed) + 2)
         return sorted(torch.randperm(len(train), generator=gen)[: self.n].tolist())
 
-    def _trains_masks(self) -> bool:
-        """Heads give the mask loss; a tier without heads overrides :meth:`_task_batches`."""
-        own = type(self)._task_batches is not DemoStatistics._task_batches
-        return own or all(a.head_weight is not None for a in self.adapters.values())
+    def has_task_loss(self) -> bool:
+        """Whether :meth:`_task_batches` can give each task a loss (for trained masks)."""
+        return False
 
     def _task_batches(self, task: str, items: list[int]) -> tuple[list[dict[str, Tensor]], Any]:
-        """``items``' batches and the per-example loss: mean pooling, ``task``'s head, CE."""
-        from starmerge.eval.demo_encoder import collate, pooled  # the encoder tier's
+        """``items``' batches and the per-example loss ``loss_fn(model, batch) -> (B,)``.
 
-        adapter, train = self.adapters[task], self.train[task]
-        texts = [train.texts[i] for i in items]
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        labels = torch.tensor([train.labels[i] for i in items])
-        batches = []
-        for s in range(0, len(ids), BATCH_SIZE):
-            input_ids, mask = collate(ids[s : s + BATCH_SIZE])
-            batches.append({"input_ids": input_ids, "attention_mask": mask,
-                            "labels": labels[s : s + BATCH_SIZE]})  # fmt: skip
-        weight, bias = adapter.head_weight, adapter.head_bias
-
-        def loss_fn(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-            logits = pooled(model, batch["input_ids"], batch["attention_mask"]) @ weight.T + bias
-            return F.cross_entropy(logits, batch["labels"], reduction="none")
-
-        return batches, loss_fn
+        Each tier's statistics give their own (the base class knows no model's loss).
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no task loss")
 
     def _collect(self, task: str, items: list[int], kinds: Sequence[str], sink) -> int:
-        """Run the collector on base + ``task``'s adapter and head; return the peak bytes."""
+        """Run the collector on base + ``task``'s adapter (and its loss); return the peak bytes."""
         from starmerge.stats import ByteCounter, collect_statistics
         from starmerge.stats.hf import make_mask_fn
 

@@ -138,10 +138,8 @@ class DecoderTier:
     def statistics(self, adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData],
                    cache: Path, n: int, seed: int, recipe: Recipe) -> DemoStatistics:  # fmt: skip
         """The data methods' statistics on this model (answer-position loss)."""
-        stats = DecoderStatistics(self.module, self.tokenizer, adapters, train, cache, n, seed,
-                                  recipe.max_length, recipe.model)  # fmt: skip
-        stats.tier = self
-        return stats
+        return DecoderStatistics(self, adapters, train, cache, n, seed, recipe.max_length,
+                                 recipe.model)  # fmt: skip
 
     def metric(self, task: TaskData) -> str:
         """The task's metric name."""
@@ -172,9 +170,20 @@ class DecoderTier:
 
 
 class DecoderStatistics(DemoStatistics):
-    """The demo's statistics and trained masks with the decoder's loss: the answer tokens' CE."""
+    """The demo's statistics and trained masks with the decoder's loss: the answer tokens' CE.
 
-    tier: DecoderTier
+    Args:
+        tier: The decoder tier (its model, tokenizer, prompts and backend); the other arguments
+            are :class:`DemoStatistics`'s.
+    """
+
+    def __init__(self, tier: DecoderTier, *args: Any, **kwargs: Any):
+        super().__init__(tier.module, tier.tokenizer, *args, **kwargs)
+        self.tier = tier
+
+    def has_task_loss(self) -> bool:
+        """Every task has one: the answer tokens' cross-entropy."""
+        return True
 
     def _task_batches(self, task: str, items: list[int]) -> tuple[list[dict[str, Tensor]], Any]:
         """``items``' prompt + answer batches and each item's answer-token cross-entropy."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from starmerge.errors import InputError
 from starmerge.eval.assets import MODEL_PACKAGE, TaskData, model_path
-from starmerge.eval.demo_data import DemoStatistics
+from starmerge.eval.demo_data import BATCH_SIZE, DemoStatistics
 from starmerge.eval.demo_env import quiet_transformers
 from starmerge.eval.demo_train import (
     Recipe,
@@ -130,8 +130,8 @@ class EncoderTier:
     def statistics(self, adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData],
                    cache: Path, n: int, seed: int, recipe: Recipe) -> DemoStatistics:  # fmt: skip
         """The data methods' statistics on this model (each task's head and labels)."""
-        return DemoStatistics(self.module, self.tokenizer, adapters, train, cache, n, seed,
-                              recipe.max_length, recipe.model)  # fmt: skip
+        return EncoderStatistics(self.module, self.tokenizer, adapters, train, cache, n, seed,
+                                 recipe.max_length, recipe.model)  # fmt: skip
 
     def metric(self, task: TaskData) -> str:
         """The task's metric name."""
@@ -150,6 +150,33 @@ class EncoderTier:
     def correct(test: TaskData, index: int, pred: int) -> tuple[int, str]:
         """(1 if ``pred`` is item ``index``'s label else 0, the predicted label name)."""
         return int(pred == test.labels[index]), test.label_names[pred]
+
+
+class EncoderStatistics(DemoStatistics):
+    """The demo's statistics and trained masks with the encoder's loss: the task head's CE."""
+
+    def has_task_loss(self) -> bool:
+        """Heads give the loss: every adapter must carry one."""
+        return all(a.head_weight is not None for a in self.adapters.values())
+
+    def _task_batches(self, task: str, items: list[int]) -> tuple[list[dict[str, Tensor]], Any]:
+        """``items``' batches and the per-example loss: mean pooling, ``task``'s head, CE."""
+        adapter, train = self.adapters[task], self.train[task]
+        texts = [train.texts[i] for i in items]
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        labels = torch.tensor([train.labels[i] for i in items])
+        batches = []
+        for s in range(0, len(ids), BATCH_SIZE):
+            input_ids, mask = collate(ids[s : s + BATCH_SIZE])
+            batches.append({"input_ids": input_ids, "attention_mask": mask,
+                            "labels": labels[s : s + BATCH_SIZE]})  # fmt: skip
+        weight, bias = adapter.head_weight, adapter.head_bias
+
+        def loss_fn(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+            logits = pooled(model, batch["input_ids"], batch["attention_mask"]) @ weight.T + bias
+            return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+
+        return batches, loss_fn
 
 
 def make_tier(recipe: Recipe, adapters: Mapping[str, TaskAdapter], cache: Path) -> Any:
