@@ -78,29 +78,9 @@ def make_adapter(
     **lora_kwargs,
 ) -> Path:
     """Make a PEFT LoRA adapter on the model at ``base_dir`` with random (non-zero) factors."""
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
+    from starmerge.suites.tiny_models import make_adapter as make
 
-    config = tf.AutoConfig.from_pretrained(base_dir)
-    if config.model_type == "t5":
-        model = tf.T5ForConditionalGeneration.from_pretrained(base_dir)
-        task_type = "SEQ_2_SEQ_LM"
-    else:
-        model = tf.AutoModelForCausalLM.from_pretrained(base_dir)
-        task_type = "CAUSAL_LM"
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=r, lora_alpha=alpha, target_modules=targets, task_type=task_type, **lora_kwargs
-        ),
-    )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+    return make(base_dir, out_dir, targets, seed, r=r, alpha=alpha, scale=0.2, **lora_kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -131,19 +131,24 @@ def _load(base: Path) -> Any:
     return tf.AutoModelForCausalLM.from_pretrained(base), "CAUSAL_LM"
 
 
-def make_adapter(base: Path, out_dir: Path, targets: list[str], seed: int, r: int = 4) -> Path:
-    """A PEFT LoRA adapter on ``base`` with random non-zero factors."""
+def make_adapter(base: Path, out_dir: Path, targets: list[str], seed: int, r: int = 4,
+                 alpha: int | None = None, scale: float = 0.3,
+                 **lora_kwargs: Any) -> Path:  # fmt: skip
+    """A PEFT LoRA adapter on ``base`` with random non-zero factors (``scale`` x N(0, 1)).
+
+    ``alpha`` defaults to ``2 r``; ``lora_kwargs`` go to ``LoraConfig`` (``use_rslora``...).
+    """
     from peft import LoraConfig, get_peft_model
 
     model, task_type = _load(base)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type=task_type)
-    )
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, target_modules=targets,
+                        task_type=task_type, **lora_kwargs)  # fmt: skip
+    peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
     peft_model.save_pretrained(out_dir)
     return out_dir
 
