@@ -177,3 +177,13 @@ def test_decoder_tier_end_to_end_on_a_tiny_gemma(tmp_path, monkeypatch):
     assert not (adapter.parent / "head.safetensors").exists()
     # Statistics came from the answer-position loss on training items.
     assert data["data_used"]["regmean"]["split"] == "train"
+
+
+def test_tiers_are_found_by_model_name():
+    from starmerge.errors import UnknownNameError
+    from starmerge.eval import demo_decoder, demo_encoder
+    from starmerge.eval.demo_train import tier_module
+
+    assert tier_module("gemma-270m") is demo_decoder and tier_module("minilm") is demo_encoder
+    with pytest.raises(UnknownNameError, match="'gema-270m'.*gemma-270m"):
+        tier_module("gema-270m")

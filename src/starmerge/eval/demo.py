@@ -25,9 +25,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from starmerge.errors import StarmergeError
-from starmerge.eval.assets import TaskData, default_tasks, load_task
+from starmerge.eval.assets import TaskData, default_tasks
 from starmerge.eval.demo_data import write_outputs
-from starmerge.eval.demo_encoder import make_tier
 from starmerge.eval.demo_env import cpu_threads, default_cache_dir
 from starmerge.eval.demo_train import (
     Recipe,
@@ -35,6 +34,7 @@ from starmerge.eval.demo_train import (
     applied,
     get_adapter,
     split_task,
+    tier_module,
 )
 from starmerge.tensors.delta import Delta
 
@@ -115,9 +115,7 @@ def run_demo(*, tasks: list[str] | None = None, steps: int, batch_size: int, n_t
     with cpu_threads() as threads:
         start = time.perf_counter()
         names = list(tasks) if tasks else default_tasks()
-        load = load_task
-        if model == "gemma-270m":
-            from starmerge.eval.decoder_tasks import load_decoder_task as load
+        load = tier_module(model).load_task
         splits = {t: split_task(load(t), n_train, n_test, seed) for t in names}
         adapters = {t: get_adapter(cache, splits[t][0], recipe, seed, progress) for t in names}
         trained = time.perf_counter()
@@ -152,7 +150,7 @@ class _Demo:
         self.merge_s: dict[str, float] = {}
         self.merge_peak_bytes: dict[str, int] = {}
         self.data_used: dict[str, dict[str, Any]] = {}
-        self.tier = make_tier(recipe, adapters, cache)
+        self.tier = tier_module(recipe.model).make_tier(recipe, adapters, cache)
         # Statistics for the data methods, from n_stats of each task's *training* items.
         self.stats = self.tier.statistics(adapters, train, cache, n_stats, seed, recipe)
         # Sorted by length so that batches pad little; this order is the test set's order.

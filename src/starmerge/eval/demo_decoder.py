@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from starmerge.eval import gemma
 from starmerge.eval.assets import TaskData
 from starmerge.eval.backends import CausalLMBackend
-from starmerge.eval.decoder_tasks import MAX_NEW_TOKENS, Prompter, check_first_tokens, first_line
+from starmerge.eval.decoder_tasks import (
+    MAX_NEW_TOKENS,
+    Prompter,
+    check_first_tokens,
+    first_line,
+)
+from starmerge.eval.decoder_tasks import load_decoder_task as load_task
 from starmerge.eval.demo_data import BATCH_SIZE, DemoStatistics
 from starmerge.eval.demo_train import (
     Recipe,
@@ -40,6 +46,7 @@ from starmerge.eval.demo_train import (
 from starmerge.eval.metrics import normalize_answer
 
 SUITE = "demo-gemma-270m"
+__all__ = ["DecoderStatistics", "DecoderTier", "load_task", "make_tier", "train_into"]
 EVAL_BATCH = 16
 
 
@@ -193,3 +200,8 @@ class DecoderStatistics(DemoStatistics):
         batches = [answer_batch(encoded[s : s + BATCH_SIZE], pad)
                    for s in range(0, len(encoded), BATCH_SIZE)]  # fmt: skip
         return batches, partial(answer_loss, reduction="none")
+
+
+def make_tier(recipe: Recipe, adapters: Mapping[str, TaskAdapter], cache: Path) -> DecoderTier:
+    """The decoder tier of ``recipe`` (no heads: ``adapters`` are not needed to build it)."""
+    return DecoderTier(recipe, cache)

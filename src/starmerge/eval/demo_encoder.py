@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from starmerge.errors import InputError
-from starmerge.eval.assets import MODEL_PACKAGE, TaskData, model_path
+from starmerge.eval.assets import MODEL_PACKAGE, TaskData, load_task, model_path
 from starmerge.eval.demo_data import BATCH_SIZE, DemoStatistics
 from starmerge.eval.demo_env import quiet_transformers
 from starmerge.eval.demo_train import (
@@ -32,6 +32,7 @@ from starmerge.eval.demo_train import (
 )
 
 SUITE = "demo-minilm"
+__all__ = ["EncoderStatistics", "EncoderTier", "load_task", "make_tier", "train_into"]
 
 
 def load_backbone(model: str = "minilm") -> tuple[Any, torch.nn.Module]:
@@ -179,10 +180,6 @@ class EncoderStatistics(DemoStatistics):
         return batches, loss_fn
 
 
-def make_tier(recipe: Recipe, adapters: Mapping[str, TaskAdapter], cache: Path) -> Any:
-    """The tier object for ``recipe.model``."""
-    if recipe.model == "gemma-270m":
-        from starmerge.eval.demo_decoder import DecoderTier
-
-        return DecoderTier(recipe, cache)
+def make_tier(recipe: Recipe, adapters: Mapping[str, TaskAdapter], cache: Path) -> EncoderTier:
+    """The encoder tier of ``recipe`` (its heads come from ``adapters``)."""
     return EncoderTier(recipe, adapters)

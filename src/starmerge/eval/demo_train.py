@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import shutil
 import tempfile
@@ -19,12 +20,13 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from starmerge.errors import InputError, StarmergeError
+from starmerge.errors import InputError, StarmergeError, UnknownNameError, did_you_mean
 from starmerge.eval.assets import TaskData
 from starmerge.tensors.delta import Delta
 
@@ -129,23 +131,31 @@ def adapter_dir(cache_dir: Path, task: TaskData, recipe: Recipe, seed: int) -> P
     return Path(cache_dir) / "demo" / recipe.model / f"{task.name}-{cache_key(task, recipe, seed)}"
 
 
-#: Backbone name -> its trainer ``(path, train, recipe, seed, progress, cache)``, lazily.
-TRAINERS = {"minilm": "starmerge.eval.demo_encoder:train_into",
-            "gemma-270m": "starmerge.eval.demo_decoder:train_into"}  # fmt: skip
+#: Backbone name -> the module of its tier. Each gives ``load_task(name)``, ``train_into(path,
+#: train, recipe, seed, progress, cache)`` and ``make_tier(recipe, adapters, cache)``.
+TIERS = {"minilm": "starmerge.eval.demo_encoder", "gemma-270m": "starmerge.eval.demo_decoder"}
+
+
+def tier_module(model: str) -> ModuleType:
+    """The tier module of backbone ``model`` (imported on first use).
+
+    Raises:
+        UnknownNameError: ``model`` is not a demo backbone.
+    """
+    if model not in TIERS:
+        hint, known = did_you_mean(model, TIERS), ", ".join(TIERS)
+        raise UnknownNameError(f"Unknown demo model {model!r}.{hint} Available: {known}")
+    return importlib.import_module(TIERS[model])
 
 
 def get_adapter(
     cache_dir: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool = True
 ) -> TaskAdapter:
     """Load the cached adapter for ``train``, training and caching it first when missing."""
-    import importlib
-
     path = adapter_dir(cache_dir, train, recipe, seed)
     fresh = not (path / "meta.json").is_file()
     if fresh:
-        module, name = TRAINERS[recipe.model].split(":")
-        trainer = getattr(importlib.import_module(module), name)
-        trainer(path, train, recipe, seed, progress, Path(cache_dir))
+        tier_module(recipe.model).train_into(path, train, recipe, seed, progress, Path(cache_dir))
     adapter = load_adapter(path)
     adapter.meta["fresh"] = fresh  # trained by this call (not written to the cache)
     return adapter
