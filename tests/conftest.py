@@ -78,7 +78,7 @@ def make_adapter(
     **lora_kwargs,
 ) -> Path:
     """Make a PEFT LoRA adapter on the model at ``base_dir`` with random (non-zero) factors."""
-    from starmerge.suites.tiny_models import make_adapter as make
+    from tests.fixtures.tiny_models import make_adapter as make
 
     return make(base_dir, out_dir, targets, seed, r=r, alpha=alpha, scale=0.2, **lora_kwargs)
 

@@ -165,7 +165,7 @@ def demo(
     quiet: bool,
 ) -> None:
     """Run the embedded benchmark: train a zoo of LoRAs offline, merge with every method."""
-    from starmerge.eval import demo as demo_mod
+    from starmerge.demo import run as demo_mod
 
     presets = {"minilm": (demo_mod.DEFAULTS, demo_mod.FAST),
                "gemma-270m": (demo_mod.DECODER, demo_mod.DECODER_FAST)}  # fmt: skip

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from starmerge.errors import InputError
-from starmerge.eval import demo
-from starmerge.eval.demo_data import entry_meta
-from starmerge.eval.demo_encoder import load_backbone, pooled
-from starmerge.eval.demo_train import applied, load_adapter
+from starmerge.demo import run as demo
+from starmerge.demo.statistics import entry_meta
+from starmerge.demo.encoder import load_backbone, pooled
+from starmerge.demo.train import applied, load_adapter
 from starmerge.eval.results import validate_results
 from starmerge.methods import METHODS
 
@@ -83,9 +83,9 @@ def test_data_methods_use_training_statistics(runs):
 
 def test_trained_masks_come_from_training_items_and_lower_the_training_loss(runs):
     """Each task's trained masks beat the dataless top-k mask of as many entries on its loss."""
-    from starmerge.eval.assets import load_task
-    from starmerge.eval.demo_env import cpu_threads
-    from starmerge.eval.demo_train import split_task
+    from starmerge.demo.assets import load_task
+    from starmerge.demo.env import cpu_threads
+    from starmerge.demo.train import split_task
     from starmerge.stats.reader import StatsFile
 
     root, first, _ = runs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from starmerge.eval import demo
+from starmerge.demo import run as demo
 from starmerge.eval.results import validate_results
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from starmerge.cli_sweep import reproduce as reproduce_cmd
 from starmerge.eval.results import load_results
 from starmerge.reproduce import reproduce
-from starmerge.suites.tiny import make_tiny_suite
+from tests.fixtures.tiny_suites import make_tiny_suite
 from starmerge.sweep import ResultsStore, Runtime
 
 pytest.importorskip("peft")

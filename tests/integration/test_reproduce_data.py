@@ -18,7 +18,7 @@ from starmerge.errors import StarmergeError
 from starmerge.eval.results import load_results
 from starmerge.reproduce import reproduce
 from starmerge.suites import load_suite
-from starmerge.suites.tiny import make_tiny_suite
+from tests.fixtures.tiny_suites import make_tiny_suite
 from starmerge.sweep import DataOptions, ResultsStore, Runtime, run_sweep, sweep_from_dict
 
 pytest.importorskip("peft")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from starmerge.errors import StarmergeError, UnknownNameError
-from starmerge.eval import assets
+from starmerge.demo import assets
 
 # Expected data of the pinned packages (after de-duplication), and the pip pin each needs.
 PYPI = {

@@ -15,15 +15,15 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
 
 from starmerge.errors import StarmergeError  # noqa: E402
-from starmerge.eval.assets import TaskData  # noqa: E402
+from starmerge.demo.assets import TaskData  # noqa: E402
 from starmerge.eval.backends import CausalLMBackend  # noqa: E402
-from starmerge.eval.decoder_tasks import (  # noqa: E402
+from starmerge.demo.decoder_tasks import (  # noqa: E402
     Prompter,
     check_first_tokens,
     first_line,
     load_trivia,
 )
-from starmerge.eval.demo_decoder import answer_batch, answer_loss, encode_items  # noqa: E402
+from starmerge.demo.decoder import answer_batch, answer_loss, encode_items  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
@@ -144,8 +144,8 @@ def test_decoder_tier_end_to_end_on_a_tiny_gemma(tmp_path, monkeypatch):
     import copy
     import json
 
-    from starmerge.eval import demo
-    from starmerge.eval.decoder_tasks import load_decoder_task
+    from starmerge.demo import run as demo
+    from starmerge.demo.decoder_tasks import load_decoder_task
     from starmerge.eval.results import validate_results
 
     tasks = ["langid", "trivia"]
@@ -153,7 +153,7 @@ def test_decoder_tier_end_to_end_on_a_tiny_gemma(tmp_path, monkeypatch):
     names = [n for name in tasks for n in load_decoder_task(name).label_names]
     tok = word_tokenizer([*texts, *names, "Sentence : Language Question Answer"])
     model = tiny_gemma(len(tok))
-    monkeypatch.setattr("starmerge.eval.gemma.load", lambda cache: (tok, copy.deepcopy(model)))
+    monkeypatch.setattr("starmerge.demo.gemma.load", lambda cache: (tok, copy.deepcopy(model)))
     methods = ["simple_average", "star", "regmean", "fisher_merging"]
     kwargs = dict(demo.DECODER, tasks=tasks, steps=3, batch_size=4, n_train=40, n_test=10,
                   n_stats=4, methods=methods)  # fmt: skip
@@ -181,8 +181,9 @@ def test_decoder_tier_end_to_end_on_a_tiny_gemma(tmp_path, monkeypatch):
 
 def test_tiers_are_found_by_model_name():
     from starmerge.errors import UnknownNameError
-    from starmerge.eval import demo_decoder, demo_encoder
-    from starmerge.eval.demo_train import tier_module
+    from starmerge.demo import decoder as demo_decoder
+    from starmerge.demo import encoder as demo_encoder
+    from starmerge.demo.train import tier_module
 
     assert tier_module("gemma-270m") is demo_decoder and tier_module("minilm") is demo_encoder
     with pytest.raises(UnknownNameError, match="'gema-270m'.*gemma-270m"):

@@ -8,12 +8,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from starmerge.errors import StarmergeError  # noqa: E402
-from starmerge.eval.assets import TaskData  # noqa: E402
-from starmerge.eval.demo_data import entry_meta  # noqa: E402
-from starmerge.eval.demo_encoder import EncoderStatistics, pooled  # noqa: E402
-from starmerge.eval.demo_env import cpu_threads  # noqa: E402
-from starmerge.eval.demo_masks import MASKS_VERSION, mask_key, task_taus, top_k  # noqa: E402
-from starmerge.eval.demo_train import TaskAdapter  # noqa: E402
+from starmerge.demo.assets import TaskData  # noqa: E402
+from starmerge.demo.statistics import entry_meta  # noqa: E402
+from starmerge.demo.encoder import EncoderStatistics, pooled  # noqa: E402
+from starmerge.demo.env import cpu_threads  # noqa: E402
+from starmerge.demo.masks import MASKS_VERSION, mask_key, task_taus, top_k  # noqa: E402
+from starmerge.demo.train import TaskAdapter  # noqa: E402
 from starmerge.methods import METHODS  # noqa: E402
 from starmerge.tensors.delta import Dense  # noqa: E402
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from starmerge.eval.demo_train import TaskAdapter, applied
+from starmerge.demo.train import TaskAdapter, applied
 from starmerge.stats.collect import LossFn
 from starmerge.tensors.delta import Dense
 from starmerge.tensors.sparsify import kth_largest_abs

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from starmerge.errors import InputError, StarmergeError, UnknownNameError, did_you_mean
-from starmerge.eval.assets import TaskData
+from starmerge.demo.assets import TaskData
 from starmerge.tensors.delta import Delta
 
 CACHE_VERSION = 1  # bump when the training code changes what a recipe produces
@@ -133,7 +133,7 @@ def adapter_dir(cache_dir: Path, task: TaskData, recipe: Recipe, seed: int) -> P
 
 #: Backbone name -> the module of its tier. Each gives ``load_task(name)``, ``train_into(path,
 #: train, recipe, seed, progress, cache)`` and ``make_tier(recipe, adapters, cache)``.
-TIERS = {"minilm": "starmerge.eval.demo_encoder", "gemma-270m": "starmerge.eval.demo_decoder"}
+TIERS = {"minilm": "starmerge.demo.encoder", "gemma-270m": "starmerge.demo.decoder"}
 
 
 def tier_module(model: str) -> ModuleType:

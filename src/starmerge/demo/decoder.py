@@ -24,18 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from starmerge.eval import gemma
-from starmerge.eval.assets import TaskData
+from starmerge.demo import gemma
+from starmerge.demo.assets import TaskData
 from starmerge.eval.backends import CausalLMBackend
-from starmerge.eval.decoder_tasks import (
+from starmerge.demo.decoder_tasks import (
     MAX_NEW_TOKENS,
     Prompter,
     check_first_tokens,
     first_line,
 )
-from starmerge.eval.decoder_tasks import load_decoder_task as load_task
-from starmerge.eval.demo_data import BATCH_SIZE, DemoStatistics
-from starmerge.eval.demo_train import (
+from starmerge.demo.decoder_tasks import load_decoder_task as load_task
+from starmerge.demo.statistics import BATCH_SIZE, DemoStatistics
+from starmerge.demo.train import (
     Recipe,
     TaskAdapter,
     _seed_for,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from starmerge.errors import StarmergeError
-from starmerge.eval.assets import TaskData, load_task, package_dir
+from starmerge.demo.assets import TaskData, load_task, package_dir
 
 #: Task -> prompt template (``{text}`` is the input).
 TEMPLATES = {

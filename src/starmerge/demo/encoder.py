@@ -3,7 +3,7 @@
 A merged backbone is scored with every task's own head (:class:`ClassifierHeadBackend`); the
 base backbone with the same heads is the lower bound. Each task's adapter is trained jointly
 with its head (the "joint recipe"); the cache, the recipe and the training loop it shares with
-the decoder tier live in :mod:`starmerge.eval.demo_train`.
+the decoder tier live in :mod:`starmerge.demo.train`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from starmerge.errors import InputError
-from starmerge.eval.assets import MODEL_PACKAGE, TaskData, load_task, model_path
-from starmerge.eval.demo_data import BATCH_SIZE, DemoStatistics
-from starmerge.eval.demo_env import quiet_transformers
-from starmerge.eval.demo_train import (
+from starmerge.demo.assets import MODEL_PACKAGE, TaskData, load_task, model_path
+from starmerge.demo.statistics import BATCH_SIZE, DemoStatistics
+from starmerge.demo.env import quiet_transformers
+from starmerge.demo.train import (
     Recipe,
     TaskAdapter,
     _seed_for,

@@ -8,7 +8,7 @@ written once into the demo cache as a statistics entry (``index.json`` records t
 the items and the cost) and its path is passed to ``merge_deltas`` as ``statistics``. Only the
 kinds a method's parameters need (``starmerge.stats.requests.data_request``) are collected.
 Trained Localize-and-Stitch masks (``mode: trained``) come from the same items and batches, one
-cached entry per (adapter, n, mask settings): see :mod:`starmerge.eval.demo_masks`.
+cached entry per (adapter, n, mask settings): see :mod:`starmerge.demo.masks`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from starmerge.errors import StarmergeError
-from starmerge.eval.assets import TaskData
-from starmerge.eval.demo_train import TaskAdapter, _seed_for, applied
+from starmerge.demo.assets import TaskData
+from starmerge.demo.train import TaskAdapter, _seed_for, applied
 
 STATS_VERSION = 1  # bump when collection changes what an entry holds
 BATCH_SIZE = 16
@@ -130,7 +130,7 @@ class DemoStatistics:
 
     def mask_entry(self, task: str, settings: Mapping[str, Any]) -> Path:
         """The cached trained-mask entry of ``task`` for ``settings``, training it when missing."""
-        from starmerge.eval import demo_masks
+        from starmerge.demo import masks as demo_masks
         from starmerge.stats.cache import StatsWriter, entry_path
 
         adapter = self.adapters[task]
@@ -158,7 +158,7 @@ class DemoStatistics:
 
     def _masks_used(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The trained-mask row's data: items, entries, per-task sparsity, overlap and losses."""
-        from starmerge.eval.demo_masks import mask_summary, settings_label
+        from starmerge.demo.masks import mask_summary, settings_label
 
         label = settings_label(settings)
         tasks = [t for t in self.adapters if (t, label) in self.entries]

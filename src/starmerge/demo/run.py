@@ -1,7 +1,7 @@
 """The embedded merging benchmark, ``starmerge demo`` (run by ``make demo``); see docs/demo.md.
 
 Real data, a real model, no network: one LoRA adapter per task, trained jointly with its linear
-head on all-MiniLM-L6-v2 and cached (:mod:`starmerge.eval.demo_train`), is merged by every
+head on all-MiniLM-L6-v2 and cached (:mod:`starmerge.demo.train`), is merged by every
 method in the registry; each merged backbone is scored with every task's own head. The base
 backbone with the same heads is the lower bound, each adapter on its own task the upper bound.
 """
@@ -25,10 +25,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from starmerge.errors import StarmergeError
-from starmerge.eval.assets import TaskData, default_tasks
-from starmerge.eval.demo_data import write_outputs
-from starmerge.eval.demo_env import cpu_threads, default_cache_dir
-from starmerge.eval.demo_train import (
+from starmerge.demo.assets import TaskData, default_tasks
+from starmerge.demo.statistics import write_outputs
+from starmerge.demo.env import cpu_threads, default_cache_dir
+from starmerge.demo.train import (
     Recipe,
     TaskAdapter,
     applied,
