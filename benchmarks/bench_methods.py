@@ -58,7 +58,7 @@ def run(quick: bool, n_layers: int | None) -> dict:
           f"(layers 0..{layers - 1})", flush=True)
     for name in METHODS.names():
         row = {"method": name}
-        if getattr(METHODS.get(name), "needs_data", False):
+        if METHODS.get(name).data is not None:
             row["skipped"] = "needs statistics from task data (not data-free); not timed here"
             print(f"  {name:16s} skipped: {row['skipped']}", flush=True)
             result["rows"].append(row)

@@ -83,6 +83,29 @@ def make_adapter(
     return make(base_dir, out_dir, targets, seed, r=r, alpha=alpha, scale=0.2, **lora_kwargs)
 
 
+@pytest.fixture
+def register_test_method():
+    """``register(name, **register_method kwargs)``: a merge method that exists in one test only.
+
+    Unregistered after the test, so ``METHODS.names()`` (the conformance suite) never sees it.
+    """
+    from starmerge.methods import METHODS, register_method
+
+    names: list[str] = []
+
+    def register(name: str, **kwargs):
+        def wrap(fn):
+            register_method(name, **kwargs)(fn)
+            names.append(name)
+            return fn
+
+        return wrap
+
+    yield register
+    for name in names:
+        METHODS.remove(name)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one torch thread (and do not fight other processes for cores).

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from starmerge.errors import ConfigError, InputError
+from starmerge.methods import METHODS, Method
+from starmerge.pipeline import fit_state, merge_params
 from starmerge.tensors.delta import Delta
+from starmerge.tensors.finite import delta_finite
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ def merge_deltas(
     parameters: Mapping[str, Any] | None = None,
     weights: Sequence[float] | None = None,
     *,
+    base: Mapping[str, Tensor] | None = None,
     device: str = "cpu",
 ) -> MergeOutcome:
     """Merge task deltas held in memory with a registered method.
@@ -40,22 +46,23 @@ def merge_deltas(
             a zero delta for that task.
         parameters: Method hyperparameters (validated; defaults filled).
         weights: Per-task weights, for methods that take them (``task_arithmetic``).
+        base: The base model's tensor per parameter key, for methods that declare
+            ``needs_base`` (they interpolate weights, not only deltas).
         device: Where the method computes (``cpu`` or ``cuda``).
 
     Returns:
         The merged deltas and statistics.
 
     Raises:
-        ConfigError: Unknown method or bad parameters.
-        InputError: Tasks whose deltas for one key have different shapes.
+        ConfigError: Unknown method or bad parameters, or a method that needs the base model
+            called without ``base``.
+        InputError: A key missing from ``base``; tasks whose deltas for one key have
+            different shapes, a delta that holds NaN or Inf, or a merged delta that does.
 
     Example:
         >>> out = merge_deltas("star", [adapter_a, adapter_b], {"eta": 40})
         >>> out.deltas["model.layers.0.self_attn.q_proj.weight"].to_dense()
     """
-    from starmerge.methods import METHODS
-    from starmerge.pipeline import fit_state, merge_params
-
     spec = METHODS.get(method)
     given = dict(parameters or {})
     if weights is not None:
@@ -65,17 +72,42 @@ def merge_deltas(
     params = spec.resolve(given)
     shapes = _shapes(task_deltas)
 
+    read_base = _base_reader(spec, base, shapes)
+
     def read(key: str) -> list[Delta | None]:
         return [t.get(key) for t in task_deltas]
 
-    state = fit_state(spec, params, len(task_deltas), shapes, read, device=device)
+    state = fit_state(spec, params, len(task_deltas), shapes, read, base=read_base, device=device)
     merged, per_param = {}, {}
-    for key, result in merge_params(spec, params, state, shapes, read, device=device):
+    results = merge_params(spec, params, state, shapes, read, base=read_base, device=device)
+    for key, result in results:
         merged[key] = result.delta
         if result.stats:
             per_param[key] = dict(result.stats)
     summary = state.summary() if state is not None else {}
     return MergeOutcome(merged, {"state": summary, "per_parameter": per_param})
+
+
+def _base_reader(
+    spec: Method, base: Mapping[str, Tensor] | None, shapes: Mapping[str, tuple[int, ...]]
+) -> Callable[[str], Tensor] | None:
+    """``base.__getitem__`` checked against the merged keys (None when not needed)."""
+    if not spec.needs_base:
+        return None
+    if base is None:
+        raise ConfigError(
+            [
+                f"{spec.name} needs the base model's weights, not only task deltas; pass "
+                "base={key: tensor} to merge_deltas"
+            ]
+        )
+    missing = [k for k in shapes if k not in base]
+    if missing:
+        raise InputError(
+            f"base has no tensor for {len(missing)} merged parameters (e.g. {missing[0]}); "
+            "pass the base model's tensor of every merged key"
+        )
+    return base.__getitem__
 
 
 def _shapes(task_deltas: Sequence[Mapping[str, Delta]]) -> dict[str, tuple[int, ...]]:
@@ -87,6 +119,8 @@ def _shapes(task_deltas: Sequence[Mapping[str, Delta]]) -> dict[str, tuple[int, 
                     f"task {i} has {key} of shape {delta.shape} but an earlier task has "
                     f"{shapes[key]}; all tasks must be fine-tunes of the same base model"
                 )
+            if not delta_finite(delta):
+                raise InputError(f"task {i} has NaN or Inf in {key}; pass finite deltas")
     return shapes
 
 
@@ -112,5 +146,5 @@ def merge(
     from starmerge.plan import make_plan
 
     cfg = load_config(config, overrides)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, Path(config))  # relative paths start at the config file
     return run_merge(plan, Path(out_dir), overwrite=overwrite, device=device, progress=progress)

@@ -50,13 +50,15 @@ def merge(
     dry_run: bool,
     quiet: bool,
 ) -> None:
-    """Merge the models of CONFIG into OUT_DIR (overrides: parameters.eta=20 ...)."""
-    from starmerge.engine import resolve_device, run_merge
-    from starmerge.io.writer import check_output_dir
+    """Merge the models of CONFIG into OUT_DIR (overrides: parameters.eta=20 ...).
+
+    Relative paths in CONFIG and in the overrides start at CONFIG's directory.
+    """
+    from starmerge.engine import check_output, resolve_device, run_merge
     from starmerge.plan import check_config_and_inputs
 
     plan = check_config_and_inputs(config, list(overrides))
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_output(plan, out_dir, overwrite=overwrite)
     resolve_device(device)
     if dry_run:
         _print_plan(plan)
@@ -98,34 +100,16 @@ def _print_plan(plan) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def methods(as_json: bool) -> None:
-    """List the merge methods with their parameters and defaults."""
+    """List the merge methods: parameters, defaults, data step, base weights, separability."""
     from starmerge.methods import METHODS
+    from starmerge.methods.listing import describe, render
 
-    rows = []
-    for name in METHODS.names():
-        m = METHODS.get(name)
-        params = {k: {"default": p.default, "help": p.help} for k, p in m.params.items()}
-        rows.append(
-            {
-                "name": name,
-                "summary": m.summary,
-                "paper": m.paper,
-                "accepts": sorted(m.accepts),
-                "lowrank_output": m.lowrank_output,
-                "parameters": params,
-            }
-        )
+    rows = [describe(METHODS.get(name)) for name in METHODS.names()]
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     for row in rows:
-        click.echo(f"{row['name']}: {row['summary']}")
-        click.echo(
-            f"    paper: {row['paper'] or '-'}; inputs: {', '.join(row['accepts'])}; "
-            f"exact adapter output: {'yes' if row['lowrank_output'] else 'no (output.rank)'}"
-        )
-        for pname, p in row["parameters"].items():
-            click.echo(f"    {pname} = {p['default']!r}: {p['help']}")
+        click.echo("\n".join(render(row)))
 
 
 @cli.command()

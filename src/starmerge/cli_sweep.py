@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
-from starmerge.errors import ConfigError
+from starmerge.errors import ConfigError, short_repr
+from starmerge.yaml_io import parse_yaml
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -28,8 +28,9 @@ def _params(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         method, dot, name = key.partition(".")
         if not sep or not dot or not method or not name:
-            raise ConfigError([f"--param must look like method.name=value, got {item!r}"])
-        out.setdefault(method.strip(), {})[name.strip()] = yaml.safe_load(raw)
+            raise ConfigError([f"--param must look like method.name=value, got {short_repr(item)}"])
+        value = parse_yaml(raw, f"the value of --param {short_repr(item)}")
+        out.setdefault(method.strip(), {})[name.strip()] = value
     return out
 
 
@@ -87,8 +88,8 @@ def _data(values: tuple[str, ...]) -> Any:
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError([f"--data must look like name=value, got {item!r}"])
-        out[key.strip()] = yaml.safe_load(raw)
+            raise ConfigError([f"--data must look like name=value, got {short_repr(item)}"])
+        out[key.strip()] = parse_yaml(raw, f"the value of --data {short_repr(item)}")
     return DataOptions.from_mapping(out)
 
 

@@ -7,15 +7,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from starmerge.config_data import DataSpec, data_checks, parse_data
-from starmerge.errors import ConfigError, StarmergeError, UnknownNameError, did_you_mean
+from starmerge.errors import (
+    ConfigError,
+    StarmergeError,
+    UnknownNameError,
+    did_you_mean,
+    short_repr,
+)
+from starmerge.overrides import apply_overrides
+from starmerge.yaml_io import load_yaml
 
 TOP_KEYS = ("method", "parameters", "base_model", "models", "output", "data")
 MODEL_KEYS = ("adapter", "model", "weight", "name")
@@ -81,44 +88,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     Args:
         path: The YAML file.
         overrides: ``dotted.key=value`` strings (``parameters.eta=20``, ``method.eta=20``,
-            ``output.dtype=bfloat16``); values are parsed as YAML scalars.
+            ``output.dtype=bfloat16``, ``models.0.weight=0.5``); values are parsed as YAML
+            (see :mod:`starmerge.overrides`).
 
     Raises:
-        ConfigError: Listing every problem at once.
+        ConfigError: The file is unreadable or not acceptable YAML (see
+            :mod:`starmerge.yaml_io`), an override is malformed, or, listing every problem at
+            once, the config is invalid.
 
     Example:
         >>> cfg = load_config("configs/star_two_adapters.yaml", ["parameters.eta=20"])
     """
-    path = Path(path)
-    if not path.is_file():
-        raise StarmergeError(f"config file {str(path)!r} does not exist; check the path")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise ConfigError([f"{path} is not valid YAML{line}; fix the syntax"]) from None
-    return parse_config(apply_overrides(raw, overrides))
-
-
-def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
-    """Return ``raw`` with each ``a.b=value`` override set (``method.x`` means ``parameters.x``)."""
-    if not isinstance(raw, dict):
-        return raw
-    raw = {**raw}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError([f"override {item!r} is not key=value; write e.g. parameters.eta=20"])
-        parts = key.split(".")
-        if parts[0] == "method" and len(parts) > 1:
-            parts[0] = "parameters"
-        node = raw
-        for part in parts[:-1]:
-            node[part] = dict(node.get(part) or {})
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
-    return raw
+    raw = load_yaml(path, what="config file")
+    return parse_config(apply_overrides({} if raw is None else raw, overrides))
 
 
 def parse_config(raw: Any) -> RunConfig:
@@ -135,7 +117,7 @@ def parse_config(raw: Any) -> RunConfig:
     output = _output(raw.get("output") or {}, problems)
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
-        problems.append(f"base_model must be a path or hub id string, got {base!r}")
+        problems.append(f"base_model must be a path or hub id string, got {short_repr(base)}")
     data = parse_data(raw.get("data"), len(models), problems)
     _cross_checks(method, params, models, output, base, problems)
     data_checks(method, params, data, base, problems)
@@ -146,7 +128,7 @@ def parse_config(raw: Any) -> RunConfig:
 
 def _unknown_keys(node: Mapping, allowed: Sequence[str], where: str) -> list[str]:
     return [
-        f"unknown key {key!r} in {where}.{did_you_mean(str(key), allowed)} "
+        f"unknown key {short_repr(key)} in {where}.{did_you_mean(str(key), allowed)} "
         f"Allowed: {', '.join(allowed)}"
         for key in node
         if key not in allowed
@@ -158,10 +140,12 @@ def _method(raw: Mapping, problems: list[str]) -> tuple[str | None, dict[str, An
 
     name, given = raw.get("method"), raw.get("parameters") or {}
     if not isinstance(given, dict):
-        problems.append(f"parameters must be a mapping, got {given!r}")
+        problems.append(f"parameters must be a mapping, got {short_repr(given)}")
         given = {}
     if not isinstance(name, str):
-        problems.append(f"method is required (one of: {', '.join(METHODS.names())}), got {name!r}")
+        problems.append(
+            f"method is required (one of: {', '.join(METHODS.names())}), got {short_repr(name)}"
+        )
         return None, dict(given)
     try:
         method = METHODS.get(name)
@@ -183,7 +167,9 @@ def _models(raw: Any, problems: list[str]) -> list[ModelSpec]:
     for i, entry in enumerate(raw):
         where = f"models[{i}]"
         if not isinstance(entry, dict):
-            problems.append(f"{where} must be a mapping like {{adapter: PATH}}, got {entry!r}")
+            problems.append(
+                f"{where} must be a mapping like {{adapter: PATH}}, got {short_repr(entry)}"
+            )
             continue
         problems.extend(_unknown_keys(entry, MODEL_KEYS, where))
         kinds = [k for k in ("adapter", "model") if k in entry]
@@ -192,24 +178,38 @@ def _models(raw: Any, problems: list[str]) -> list[ModelSpec]:
             continue
         source, weight = entry[kinds[0]], entry.get("weight")
         if not isinstance(source, str) or not source:
-            problems.append(f"{where}.{kinds[0]} must be a path or hub id, got {source!r}")
-            continue
-        if weight is not None and (
-            isinstance(weight, bool) or not isinstance(weight, (int, float))
-        ):
-            problems.append(f"{where}.weight must be a number, got {weight!r}")
-            weight = None
-        models.append(
-            ModelSpec(
-                kinds[0], source, None if weight is None else float(weight), entry.get("name")
+            problems.append(
+                f"{where}.{kinds[0]} must be a path or hub id, got {short_repr(source)}"
             )
-        )
+            continue
+        weight = _weight(weight, where, problems)
+        models.append(ModelSpec(kinds[0], source, weight, entry.get("name")))
     return models
+
+
+def _weight(weight: Any, where: str, problems: list[str]) -> float | None:
+    """``models[i].weight`` as a finite float, or None (unset, or a problem was recorded)."""
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        problems.append(f"{where}.weight must be a number, got {short_repr(weight)}")
+        return None
+    try:
+        value = float(weight)
+    except OverflowError:  # an int beyond a float's range
+        value = math.inf
+    if not math.isfinite(value):
+        problems.append(
+            f"{where}.weight must be a finite number, got {short_repr(weight)}; "
+            "give a number such as 1.0"
+        )
+        return None
+    return value
 
 
 def _output(raw: Any, problems: list[str]) -> OutputSpec:
     if not isinstance(raw, dict):
-        problems.append(f"output must be a mapping, got {raw!r}")
+        problems.append(f"output must be a mapping, got {short_repr(raw)}")
         return OutputSpec()
     problems.extend(_unknown_keys(raw, OUTPUT_KEYS, "output"))
     out = OutputSpec(
@@ -219,16 +219,18 @@ def _output(raw: Any, problems: list[str]) -> OutputSpec:
         rank=raw.get("rank"),
     )
     if out.format not in ("model", "adapter"):
-        problems.append(f"output.format must be model or adapter, got {out.format!r}")
+        problems.append(f"output.format must be model or adapter, got {short_repr(out.format)}")
     if out.dtype is not None and out.dtype not in DTYPES:
         hint = did_you_mean(str(out.dtype), DTYPES)
         problems.append(
-            f"output.dtype must be one of {', '.join(DTYPES)}, got {out.dtype!r}.{hint}"
+            f"output.dtype must be one of {', '.join(DTYPES)}, got {short_repr(out.dtype)}.{hint}"
         )
     if out.rank is not None and (
         isinstance(out.rank, bool) or not isinstance(out.rank, int) or out.rank < 1
     ):
-        problems.append(f"output.rank must be a positive integer or null, got {out.rank!r}")
+        problems.append(
+            f"output.rank must be a positive integer or null, got {short_repr(out.rank)}"
+        )
     try:
         from starmerge.io.writer import parse_size
 
@@ -264,6 +266,11 @@ def _cross_checks(
     if method is None or method not in METHODS:
         return
     spec = METHODS.get(method)
+    if spec.needs_base and base is None and output.format == "adapter" and not has_full:
+        problems.append(
+            f"{method} works on the base model's weights, not only on task deltas, so it needs "
+            "base_model even for an adapter-only merge; add base_model: PATH-OR-HUB-ID"
+        )
     if any(m.weight is not None for m in models) and "weights" not in spec.params:
         problems.append(
             f"{method} does not use per-model weights, got models[].weight; remove "

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starmerge.errors import StarmergeError, did_you_mean
+from starmerge.errors import StarmergeError, did_you_mean, short_repr
 
 DATA_KEYS = (
     "tasks", "n_examples", "seed", "batch_size", "max_length", "memory_budget", "cache_dir",
@@ -60,17 +60,21 @@ def parse_data(raw: Any, n_models: int, problems: list[str]) -> DataSpec | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        problems.append(f"data must be a mapping with keys {', '.join(DATA_KEYS)}, got {raw!r}")
+        problems.append(
+            f"data must be a mapping with keys {', '.join(DATA_KEYS)}, got {short_repr(raw)}"
+        )
         return None
     problems.extend(
-        f"unknown key {key!r} in data.{did_you_mean(str(key), DATA_KEYS)} "
+        f"unknown key {short_repr(key)} in data.{did_you_mean(str(key), DATA_KEYS)} "
         f"Allowed: {', '.join(DATA_KEYS)}"
         for key in raw
         if key not in DATA_KEYS
     )
     tasks = raw.get("tasks")
     if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
-        problems.append(f"data.tasks must be a list of task files, one per model, got {tasks!r}")
+        problems.append(
+            f"data.tasks must be a list of task files, one per model, got {short_repr(tasks)}"
+        )
         return None
     if len(tasks) != n_models:
         problems.append(
@@ -81,7 +85,7 @@ def parse_data(raw: Any, n_models: int, problems: list[str]) -> DataSpec | None:
     for key, value in values.items():
         low = 0 if key == "seed" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"data.{key} must be an integer >= {low}, got {value!r}")
+            problems.append(f"data.{key} must be an integer >= {low}, got {short_repr(value)}")
     budget = str(raw.get("memory_budget", "4GB"))
     try:
         from starmerge.io.writer import parse_size
@@ -91,7 +95,7 @@ def parse_data(raw: Any, n_models: int, problems: list[str]) -> DataSpec | None:
         problems.append(f"data.memory_budget: {exc}")
     cache = raw.get("cache_dir")
     if cache is not None and not isinstance(cache, str):
-        problems.append(f"data.cache_dir must be a path, got {cache!r}")
+        problems.append(f"data.cache_dir must be a path, got {short_repr(cache)}")
     return DataSpec(tuple(tasks), **values, memory_budget=budget, cache_dir=cache)
 
 
@@ -102,29 +106,26 @@ def data_checks(
     base: str | None,
     problems: list[str],
 ) -> None:
-    """A data-driven method (with these parameters) needs a `data:` section and a base model."""
-    from starmerge.stats.requests import data_request
+    """A method whose ``data(params)`` asks for data needs a `data:` section and a base model.
 
-    if method is None or params.get("statistics") is not None:
+    Precomputed ``parameters.statistics`` replace the section (the plan checks the files).
+    """
+    from starmerge.methods import METHODS
+
+    if method not in METHODS or params.get("statistics") is not None:
         return
+    spec = METHODS.get(method)
+    values = {k: params.get(k, p.default) for k, p in spec.all_params.items()}  # if unresolved
     try:
-        request = data_request(method, params)
+        request = spec.data(values) if spec.data is not None else None
     except (KeyError, TypeError):  # invalid parameters are reported by the method check
         return
     if request is None:
         return
     if data is None:
         problems.append(
-            f"{method} needs task data ({_need(method, params)}): add a `data:` section "
+            f"{method} needs task data ({request.reason}): add a `data:` section "
             "(tasks: one task file per model, n_examples: N) or set parameters.statistics"
         )
     elif base is None:
         problems.append(f"{method} collects statistics on the base model; add base_model")
-
-
-def _need(method: str, params: Mapping[str, Any]) -> str:
-    if method == "mats":
-        return f"objective {params.get('objective')}"
-    if method == "localize_stitch":
-        return "mode trained"
-    return "statistics"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from starmerge.errors import InputError
+from starmerge.errors import InputError, short_repr
+from starmerge.io.writer import atomic_output_dir, check_output_dir, check_outside_inputs
+from starmerge.manifest import build_manifest, input_hashes, write_manifest, write_model_card
 from starmerge.memory import PeakMemory
-from starmerge.methods.base import Merged
+from starmerge.methods.contract import Merged
+from starmerge.paths import input_paths
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import Plan
+from starmerge.stats.gather import prepare
 from starmerge.tensors.delta import Dense, LowRank
+from starmerge.tensors.finite import all_finite
 
 
 def resolve_device(device: str) -> str:
@@ -42,19 +48,27 @@ def run_merge(
     """Merge and write ``plan`` into ``out_dir`` atomically; return the manifest.
 
     Raises:
-        OutputError: ``out_dir`` is not empty without ``overwrite``, or writing failed
-            (``out_dir`` is then left exactly as it was).
+        OutputError: ``out_dir`` is or overlaps an input, is not empty without ``overwrite``,
+            or writing failed (``out_dir`` is then left exactly as it was).
     """
-    from starmerge.io.writer import check_output_dir
-    from starmerge.manifest import input_hashes
-
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_output(plan, out_dir, overwrite=overwrite)
     device = resolve_device(device)
     start = time.perf_counter()
     # Hash the inputs for the manifest in a thread while the merge runs (hashlib frees the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool, PeakMemory() as memory:
         hashes = pool.submit(input_hashes, plan)
         return _run(plan, out_dir, overwrite, device, progress, start, hashes, memory)
+
+
+def check_output(plan: Plan, out_dir: Path, *, overwrite: bool) -> None:
+    """Check ``out_dir`` before anything is created (a merge and ``--dry-run`` alike).
+
+    Raises:
+        OutputError: ``out_dir`` is an input, contains one or lies inside one (even with
+            ``overwrite``); or it is a file, or not empty without ``overwrite``.
+    """
+    check_outside_inputs(out_dir, input_paths(plan))
+    check_output_dir(out_dir, overwrite=overwrite)
 
 
 def _run(
@@ -67,19 +81,14 @@ def _run(
     hashes: Future,
     memory: PeakMemory,
 ) -> dict[str, Any]:
-    from starmerge.io.writer import atomic_output_dir
-    from starmerge.manifest import build_manifest, write_manifest
-
-    if plan.method.needs_data:  # statistics / trained masks from task data (cached)
-        from starmerge.stats import prepare
-
-        prepare(plan, device=device, progress=progress)
     state = fit_state(
         plan.method,
         plan.params,
         len(plan.tasks),
         plan.shapes,
         plan.read,
+        statistics=prepare(plan, device=device, progress=progress),  # the data step, cached
+        base=_base_reader(plan),
         device=device,
         progress=progress,
     )
@@ -92,10 +101,13 @@ def _run(
         manifest = build_manifest(plan, state, stats, elapsed, memory, hashes.result())
         write_manifest(tmp, manifest)
         if plan.config.output.format == "model":
-            from starmerge.manifest import write_model_card
-
             write_model_card(tmp, manifest)
     return manifest
+
+
+def _base_reader(plan: Plan) -> Callable[[str], torch.Tensor] | None:
+    """The base model's tensor of a key, for methods that declare ``needs_base``."""
+    return plan.base.get if plan.base is not None else None
 
 
 def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
@@ -104,14 +116,8 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
 
     base = plan.base
     keys = list(base.keys())
-    tensors = [
-        TensorPlan(
-            k,
-            tuple(base.shape(k)),
-            plan.out_dtype if base.dtype(k).is_floating_point else base.dtype(k),
-        )
-        for k in keys
-    ]
+    dtypes = {k: plan.out_dtype if base.dtype(k).is_floating_point else base.dtype(k) for k in keys}
+    tensors = [TensorPlan(k, tuple(base.shape(k)), dtypes[k]) for k in keys]
     writer = StreamingShardWriter(tmp, tensors, parse_size(plan.config.output.max_shard_size))
     artifacts = _artifact_writer(plan, tmp)
     merged = merge_params(
@@ -121,24 +127,57 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
         plan.shapes,
         plan.read,
         keys=[k for k in keys if k in plan.shapes],
+        base=_base_reader(plan),
         device=device,
     )
     per_param: dict[str, dict] = {}
     for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
         weight = base.get(key)
+        if not all_finite(weight):
+            raise InputError(
+                f"base model {plan.base_path}: tensor '{key}' contains NaN or Inf values; "
+                "give a base model with finite weights"
+            )
         if key in plan.shapes:
             merged_key, result = next(merged)
             assert merged_key == key  # merge_params follows the given key order
             weight = weight.to(torch.float32) + result.delta.to_dense(torch.float32)
             per_param[key] = dict(result.stats)
             _write_artifacts(artifacts, plan, key, result)
+        weight = weight.to(dtypes[key])
+        _check_output_finite(plan, key, weight)
         writer.write(key, weight)
         del weight
     writer.close()
     if artifacts is not None:
         artifacts.close()
     copy_model_files(plan.base_path, tmp)
-    return {"per_parameter": per_param}
+    return {"per_parameter": per_param, **_layout_stats(plan)}
+
+
+def _check_output_finite(plan: Plan, key: str, *tensors: torch.Tensor) -> None:
+    """The last check before ``key`` is written: finite in the output dtype (no overflow)."""
+    if all(all_finite(t) for t in tensors):
+        return
+    raise InputError(
+        f"the merged '{key}' is not finite in {str(plan.out_dtype).removeprefix('torch.')} "
+        f"({plan.method.name}, parameters {short_repr(plan.params)}); lower the scaling or "
+        "weights, or set output.dtype: float32"
+    )
+
+
+def _layout_stats(plan: Plan) -> dict[str, Any]:
+    """Per adapter input, the ``fan_in_fan_out`` flag and the modules whose delta was transposed.
+
+    Empty when no adapter sets the flag or is transposed (see ``io.adapter`` for the rule).
+    """
+    out = {}
+    for i, t in enumerate(plan.tasks):
+        transposed = sorted(getattr(t.source, "transposed", ()))
+        flag = bool(getattr(t.source, "fan_in_fan_out", False))
+        if flag or transposed:
+            out[f"models[{i}]"] = {"flag": flag, "transposed": transposed}
+    return {"fan_in_fan_out": out} if out else {}
 
 
 def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
@@ -148,21 +187,31 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
     per_param: dict[str, dict] = {}
     energies = []
     artifacts = _artifact_writer(plan, tmp)
-    results = merge_params(plan.method, plan.params, state, plan.shapes, plan.read, device=device)
+    results = merge_params(
+        plan.method,
+        plan.params,
+        state,
+        plan.shapes,
+        plan.read,
+        base=_base_reader(plan),
+        device=device,
+    )
     for key, result in tqdm(
         results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
     ):
         lowrank, energy = _as_lowrank(key, result, plan.config.output.rank)
+        _check_output_finite(plan, key, *_stored_factors(lowrank, plan.out_dtype))
         stats = dict(result.stats)
         if energy is not None:
             stats["svd_energy_kept"] = energy
             energies.append(energy)
         per_param[key] = stats
         _write_artifacts(artifacts, plan, key, result)
-        modules[key.removesuffix(".weight")] = lowrank
+        modules[key] = lowrank
     if artifacts is not None:
         artifacts.close()
     first = plan.tasks[0].source
+    flag, modules = _writer_layout(plan, modules)
     write_adapter(
         tmp,
         modules,
@@ -170,12 +219,36 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
         task_type=getattr(first, "task_type", None),
         template_config=getattr(first, "config", None),
         dtype=plan.out_dtype,
-        fan_in_fan_out=bool(getattr(first, "config", {}).get("fan_in_fan_out", False)),
+        fan_in_fan_out=flag,
     )
-    summary = {"per_parameter": per_param}
+    summary = {"per_parameter": per_param, **_layout_stats(plan)}
     if energies:
         summary["svd_energy_kept_min"] = min(energies)
     return summary
+
+
+def _stored_factors(delta: LowRank, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors as ``write_adapter`` stores them: the scale folded into b, cast to ``dtype``."""
+    return (delta.b.to(torch.float32) * delta.scale).to(dtype), delta.a.to(dtype)
+
+
+def _writer_layout(plan: Plan, modules: dict[str, LowRank]) -> tuple[bool, dict[str, LowRank]]:
+    """The output's ``fan_in_fan_out`` flag, and each module in the layout the writer expects.
+
+    A module's merged delta is in its inputs' layout (transposed where ``io.adapter`` transposed
+    it). The flag: any module transposed with a base model (its layers are ``Conv1D``), else
+    the first adapter's. ``write_adapter`` transposes every module back when the flag is set.
+    """
+    first = plan.tasks[0].source
+    flips = {
+        key: any(key in getattr(t.source, "transposed", ()) for t in plan.tasks) for key in modules
+    }
+    flag = any(flips.values()) if plan.base is not None else bool(first.fan_in_fan_out)
+    out = {
+        key.removesuffix(".weight"): d if flips[key] == flag else LowRank(d.a.T, d.b.T, d.scale)
+        for key, d in modules.items()
+    }
+    return flag, out
 
 
 def _artifact_writer(plan: Plan, tmp: Path):

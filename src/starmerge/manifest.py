@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starmerge.io.writer import write_guard
 from starmerge.memory import max_rss_bytes
 from starmerge.plan import Plan
 
@@ -79,14 +80,24 @@ def build_manifest(
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    """Write ``starmerge.json``."""
+    """Write ``starmerge.json``.
+
+    Raises:
+        OutputError: The disk is full or the file cannot be written (no partial file is left).
+    """
     path = out_dir / "starmerge.json"
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    with write_guard(path):
+        path.write_text(text)
     return path
 
 
 def write_model_card(out_dir: Path, manifest: dict) -> Path:
-    """Write a short ``README.md`` model card describing the merge."""
+    """Write a short ``README.md`` model card describing the merge.
+
+    Raises:
+        OutputError: The disk is full or the file cannot be written (no partial file is left).
+    """
     method = manifest["method"]
     params = ", ".join(f"{k}={v}" for k, v in method["parameters"].items()) or "none"
     lines = [
@@ -108,5 +119,6 @@ def write_model_card(out_dir: Path, manifest: dict) -> Path:
         "",
     ]
     path = out_dir / "README.md"
-    path.write_text("\n".join(lines))
+    with write_guard(path):
+        path.write_text("\n".join(lines))
     return path

@@ -4,21 +4,33 @@
 asks for); ``merge_params`` yields one merged delta per parameter. Both take a ``read(key)``
 callable, so the same code serves the streaming CLI engine (reading checkpoints lazily) and
 in-memory merges (``starmerge.api.merge_deltas``). Peak memory: the T deltas of one parameter,
-their densified copies when the method needs entries, and the result.
+their densified copies when the method needs entries, and the result. The method gets its kernel
+parameters, its fit step's state, and (when it declares ``needs_base``) the base tensor.
+
+For a separable method (the mean or sum of a per-task transform), ``transform_task`` and
+``combine_tasks`` give the same merge from per-task parts that a caller may cache (sweeps).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from starmerge.methods.base import Merged, Method, State
+from starmerge.errors import ConfigError, InputError, short_repr
+from starmerge.io.statistics import open_statistics
+from starmerge.methods.base import Method
+from starmerge.methods.contract import STATISTICS, Merged, State
 from starmerge.tensors.delta import Delta, Dense, LowRank, densify, zeros_like_delta
+from starmerge.tensors.factors import concat_lowrank
+from starmerge.tensors.finite import delta_finite
 
 Reader = Callable[[str], Sequence[Delta | None]]
+BaseReader = Callable[[str], Tensor]  # parameter key -> the base model's tensor
 
 
 def prepare(
@@ -67,21 +79,55 @@ def fit_state(
     shapes: Mapping[str, tuple[int, ...]],
     read: Reader,
     *,
+    statistics: Sequence[str | Path] | None = None,
+    base: BaseReader | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> State | None:
-    """Run the method's fitter over every parameter, pass after pass; None if it has none."""
+    """Run the method's fitter over every parameter, pass after pass; None if it has none.
+
+    Args:
+        method: The method.
+        params: Its resolved parameters (kernel and data step).
+        n_tasks: Number of tasks T.
+        shapes: Parameter key -> shape, in streaming order.
+        read: Every task's delta of a key (None where a task lacks it).
+        statistics: One statistics entry per task (the data step's cache entries); None: the
+            precomputed ``params["statistics"]`` when given.
+        base: The base tensor of a key (for a method that declares ``needs_base``).
+        device: Where the fitter computes.
+        progress: Show a progress bar per pass.
+    """
     if method.fit is None:
         return None
-    fitter = method.fit(n_tasks, **params)
+    entries = statistics if statistics is not None else params.get(STATISTICS)
+    files = None if entries is None else open_statistics(entries)
+    fitter = method.fitter(n_tasks, params, files)
     n_pass = 0
     while True:
         n_pass += 1
         bar = tqdm(shapes.items(), desc=f"fit pass {n_pass}", disable=not progress, unit="param")
         for key, shape in bar:
-            fitter.observe(key, prepare(read(key), shape, method.accepts, device))
+            deltas = prepare(read(key), shape, method.accepts, device)
+            fitter.observe(key, deltas, **_base_args(method, base, key, device))
         if not fitter.end_pass():
             return fitter.state()
+
+
+def _base_args(
+    method: Method, base: BaseReader | None, key: str, device: torch.device | str
+) -> dict[str, Tensor]:
+    """``{"base": tensor}`` for a method that declares ``needs_base``; else nothing."""
+    if not method.needs_base:
+        return {}
+    if base is None:
+        raise ConfigError(
+            [
+                f"{method.name} needs the base model's weights, not only task deltas; give the "
+                "base model (config: base_model; merge_deltas: base=)"
+            ]
+        )
+    return {"base": base(key).to(device)}
 
 
 def merge_params(
@@ -92,15 +138,100 @@ def merge_params(
     read: Reader,
     *,
     keys: Iterable[str] | None = None,
+    base: BaseReader | None = None,
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[str, Merged]]:
-    """Yield ``(key, Merged)`` for each parameter (in ``keys`` order), result on the CPU."""
+    """Yield ``(key, Merged)`` for each parameter (in ``keys`` order), result on the CPU.
+
+    Raises:
+        InputError: A merged delta holds NaN or Inf (it is never yielded, so never written).
+    """
     for key in keys if keys is not None else shapes:
         shape = shapes[key]
         deltas = fill_missing(prepare(read(key), shape, method.accepts, device), shape, device)
-        kwargs = dict(params)
+        kwargs = {**method.kernel_args(params), **_base_args(method, base, key, device)}
         if state is not None:
             kwargs["state"] = state.at(key)
         merged = method.fn(deltas, **kwargs)
+        _check_finite(method, params, key, merged.delta)
         artifacts = {name: t.cpu() for name, t in merged.artifacts.items()}
         yield key, Merged(_to_device(merged.delta, "cpu"), merged.stats, artifacts)
+
+
+def _check_finite(method: Method, params: Mapping[str, Any], key: str, delta: Delta) -> None:
+    """The last line of defence: a non-finite merged delta stops the merge, naming the key."""
+    if delta_finite(delta):
+        return
+    shown = {k: v for k, v in params.items() if k != "statistics"}
+    raise InputError(
+        f"the {method.name} merge of '{key}' is not finite (NaN or Inf) with parameters "
+        f"{short_repr(shown)}; lower the parameters (scaling, weights, alpha) or check the "
+        "inputs of this parameter"
+    )
+
+
+Part = tuple[Delta, Mapping[str, Any]]  # one task's transformed delta of a key and its stats
+
+
+def transform_task(
+    method: Method, params: Mapping[str, Any], deltas: Mapping[str, Delta], task: int, n_tasks: int
+) -> dict[str, Part]:
+    """A separable method's per-task step on every parameter of task ``task`` of ``n_tasks``.
+
+    Example:
+        >>> transform_task(METHODS.get("star"), {"eta": 40.0}, vector, 0, 2)  # doctest: +SKIP
+    """
+    assert method.separable is not None, f"{method.name} is not separable"
+    kwargs = method.separable.task_params(method.name, method.kernel_args(params), task, n_tasks)
+    return {key: method.separable.transform(d, **kwargs) for key, d in deltas.items()}
+
+
+def combine_tasks(
+    method: Method, params: Mapping[str, Any], parts: Sequence[Mapping[str, Part]]
+) -> tuple[dict[str, Delta], dict[str, dict[str, Any]]]:
+    """The merge from every task's transformed parameters: their mean or sum, key by key.
+
+    A task that lacks a key contributes the transform of a zero delta, as the kernel's zero
+    delta would. Low-rank parts stay factored (concatenated); others are summed in float32.
+
+    Returns:
+        The merged delta per key, and per key the parts' stats listed in task order.
+    """
+    assert method.separable is not None, f"{method.name} is not separable"
+    n_tasks = len(parts)
+    coef = 1.0 / n_tasks if method.separable.combine == "mean" else 1.0
+    shapes = {k: d.shape for p in parts for k, (d, _) in p.items()}
+    kwargs = method.kernel_args(params)
+    merged: dict[str, Delta] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    for key, shape in shapes.items():
+        present = [p[key][0] for p in parts if key in p]
+        zero = zeros_like_delta(shape, isinstance(present[0], LowRank), present[0].dtype)
+        task_parts = [
+            p[key] if key in p else _zero_part(method, kwargs, zero, t, n_tasks)
+            for t, p in enumerate(parts)
+        ]
+        merged[key] = _combine([d for d, _ in task_parts], coef)
+        names = dict.fromkeys(n for _, st in task_parts for n in st)
+        if names:
+            stats[key] = {n: [st.get(n) for _, st in task_parts] for n in names}
+    return merged, stats
+
+
+def _zero_part(
+    method: Method, kwargs: Mapping[str, Any], zero: Delta, task: int, n_tasks: int
+) -> Part:
+    """The transform of a zero delta, for a task that lacks the key."""
+    assert method.separable is not None
+    task_kwargs = method.separable.task_params(method.name, kwargs, task, n_tasks)
+    return method.separable.transform(zero, **task_kwargs)
+
+
+def _combine(deltas: Sequence[Delta], coef: float) -> Delta:
+    """``coef * sum(deltas)``: factored when all are low rank, else dense float32."""
+    if all(isinstance(d, LowRank) for d in deltas):
+        return concat_lowrank(deltas, [coef] * len(deltas))  # type: ignore[arg-type]
+    total = torch.zeros(deltas[0].shape, dtype=torch.float32, device=deltas[0].device)
+    for d in deltas:
+        total += d.to_dense(torch.float32)
+    return Dense((total * coef).to(deltas[0].dtype))

@@ -15,7 +15,10 @@ import torch
 
 from starmerge.config import ModelSpec, RunConfig
 from starmerge.errors import ConfigError, InputError, StarmergeError
+from starmerge.io.statistics import StatsFile
 from starmerge.methods.base import Method
+from starmerge.methods.contract import STATISTICS
+from starmerge.paths import with_absolute_paths
 from starmerge.tensors.delta import Delta
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
@@ -58,14 +61,21 @@ class Plan:
     missing: dict[str, list[str]] = field(default_factory=dict)
     predicted_peak_bytes: int = 0
     out_dtype: torch.dtype = torch.float32
+    config_path: Path | None = None
 
     def read(self, key: str) -> list[Delta | None]:
         """Every task's delta for ``key`` (None for a task that lacks it)."""
         return [t.source.get(key) if key in t.shapes else None for t in self.tasks]
 
 
-def make_plan(config: RunConfig) -> Plan:
+def make_plan(config: RunConfig, config_path: Path | None = None) -> Plan:
     """Open every input lazily and check they are compatible.
+
+    Args:
+        config: The validated config.
+        config_path: The config file: relative input paths start at its directory (at the
+            working directory when ``None``), and it counts as an input that the output
+            directory must avoid. The plan's config holds the paths as absolute paths.
 
     Raises:
         InputError: Listing every input problem at once (missing paths, bad adapters, shape
@@ -73,21 +83,25 @@ def make_plan(config: RunConfig) -> Plan:
     """
     from starmerge.methods import METHODS
 
+    base_dir = None if config_path is None else Path(config_path).parent
+    config = with_absolute_paths(config, base_dir)
     method = METHODS.get(config.method)
     params = dict(config.parameters)
     if "weights" in method.params and any(m.weight is not None for m in config.models):
         params["weights"] = [1.0 if m.weight is None else m.weight for m in config.models]
     params = method.resolve(params)
     problems: list[str] = []
-    base, base_path = _open_base(config, problems)
-    tasks = [t for t in (_open_task(m, base, problems) for m in config.models) if t is not None]
+    base, base_path = _open_base(config, problems, base_dir)
+    tasks = [_open_task(m, base, problems, base_dir) for m in config.models]
+    tasks = [t for t in tasks if t is not None]
+    _check_statistics(params, len(config.models), problems)
     if problems:
         raise InputError(_join(problems))
     shapes = _check_shapes(tasks, base, problems)
     _check_bases(tasks, problems)
     if problems:
         raise InputError(_join(problems))
-    plan = Plan(config, method, params, tasks, shapes, base, base_path)
+    plan = Plan(config, method, params, tasks, shapes, base, base_path, config_path=config_path)
     plan.missing = {
         t.spec.label: sorted(set(shapes) - set(t.shapes))
         for t in tasks
@@ -98,6 +112,23 @@ def make_plan(config: RunConfig) -> Plan:
     return plan
 
 
+def _check_statistics(params: dict[str, Any], n_models: int, problems: list[str]) -> None:
+    """Precomputed ``parameters.statistics``: one readable statistics file per model."""
+    paths = params.get(STATISTICS)
+    if paths is None:
+        return
+    if len(paths) != n_models:
+        problems.append(
+            f"parameters.statistics must list one statistics file per model ({n_models}), got "
+            f"{len(paths)}"
+        )
+    for path in paths:
+        try:
+            StatsFile(path)
+        except StarmergeError as exc:
+            problems.append(str(exc))
+
+
 def _join(problems: list[str]) -> str:
     return (
         problems[0]
@@ -106,34 +137,43 @@ def _join(problems: list[str]) -> str:
     )
 
 
-def _open_base(config: RunConfig, problems: list[str]) -> tuple[Any, Path | None]:
+def _open_base(
+    config: RunConfig, problems: list[str], base_dir: Path | None
+) -> tuple[Any, Path | None]:
     if config.base_model is None:
         return None, None
     from starmerge.io.checkpoint import TensorIndex
     from starmerge.io.hub import resolve
 
     try:
-        path = resolve(config.base_model, what="base model", allow_patterns=MODEL_FILES)
+        path = resolve(
+            config.base_model, what="base model", allow_patterns=MODEL_FILES, base_dir=base_dir
+        )
         return TensorIndex.open(path), path
     except StarmergeError as exc:
         problems.append(str(exc))
         return None, None
 
 
-def _open_task(spec: ModelSpec, base: Any, problems: list[str]) -> Task | None:
+def _open_task(
+    spec: ModelSpec, base: Any, problems: list[str], base_dir: Path | None
+) -> Task | None:
     from starmerge.io.hub import resolve
 
     try:
         if spec.kind == "adapter":
             from starmerge.io.adapter import load_adapter
 
-            path = resolve(spec.source, what="adapter", allow_patterns=ADAPTER_FILES)
-            source = load_adapter(path)
+            path = resolve(
+                spec.source, what="adapter", allow_patterns=ADAPTER_FILES, base_dir=base_dir
+            )
+            source = load_adapter(path, base)
         else:
             from starmerge.io.checkpoint import TensorIndex
             from starmerge.io.full import FullFineTune
 
-            path = resolve(spec.source, what="fine-tuned model", allow_patterns=MODEL_FILES)
+            what = "fine-tuned model"
+            path = resolve(spec.source, what=what, allow_patterns=MODEL_FILES, base_dir=base_dir)
             if base is None:
                 return None  # the missing base is reported by the config check
             source = FullFineTune(base, TensorIndex.open(path), spec.label)
@@ -228,11 +268,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def check_config_and_inputs(config_path: Path, overrides: list[str]) -> Plan:
-    """Load the config and index the inputs; raise one error listing every problem found."""
+    """Load the config and index the inputs; raise one error listing every problem found.
+
+    Relative input paths (in the file and in ``overrides``) start at the config file's directory.
+    """
     from starmerge.config import load_config
 
     config = load_config(config_path, overrides)
     try:
-        return make_plan(config)
+        return make_plan(config, Path(config_path))
     except InputError as exc:
         raise ConfigError([str(exc)]) from None

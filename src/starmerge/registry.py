@@ -37,6 +37,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = entry
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (tests that register a method of their own undo it with this)."""
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         """Return the entry for ``name``, importing a lazy ``"module:attr"`` entry.
 

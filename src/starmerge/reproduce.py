@@ -63,8 +63,9 @@ def reproduce_jobs(
     if unknown:
         raise ConfigError([f"parameters given for method(s) {unknown} that are not run"])
     used = ordered_tasks(suite, [t for s in sets for t in s])
-    merges = [merge_job(m, params.get(m, {}), s, data)
-              for s in sets if len(s) >= 2 for m in methods]  # fmt: skip
+    merges = [
+        merge_job(m, params.get(m, {}), s, data) for s in sets if len(s) >= 2 for m in methods
+    ]
     return bound_jobs(used) + merges
 
 
@@ -114,9 +115,17 @@ def reproduce(
     store = ResultsStore(out_dir)
     options = options or RunOptions()
     outcome = execute(
-        suite, jobs, options, runtime or Runtime(), store, executor=executor, address=address,
-        gpus_per_job=gpus_per_job, dry_run=dry_run, echo=echo,
-    )  # fmt: skip
+        suite,
+        jobs,
+        options,
+        runtime or Runtime(),
+        store,
+        executor=executor,
+        address=address,
+        gpus_per_job=gpus_per_job,
+        dry_run=dry_run,
+        echo=echo,
+    )
     if dry_run:
         return outcome
     written = write_results(suite, sets, outcome.jobs, store, options, out_dir, methods)

@@ -2,7 +2,9 @@
 
 A tiny in-test driver does what the pipeline does: resolve parameters, stream every parameter
 through the method's fitter (pass after pass while ``end_pass()`` asks for one), then call the
-method per parameter with ``state=state.at(key)``, densifying what the method does not accept.
+method per parameter with its kernel parameters and ``state=state.at(key)``, densifying what the
+method does not accept. A separable method's declared per-task transform, combined, must give
+its kernel's merge.
 """
 
 import copy
@@ -14,7 +16,9 @@ import pytest
 import torch
 from tests.unit.data_fixtures import statistics_from_deltas
 
+from starmerge.io.statistics import open_statistics
 from starmerge.methods import METHODS
+from starmerge.pipeline import combine_tasks, transform_task
 from starmerge.tensors.delta import Dense, LowRank, densify, zeros_like_delta
 
 SHAPES = {"q": (8, 4), "v": (4, 6), "bias": (6,)}
@@ -29,13 +33,14 @@ def prepare(method, deltas):
 
 def drive(name, model, **params):
     method = METHODS.get(name)
-    if method.needs_data and "statistics" not in params:  # stand-in statistics from the deltas
+    if method.data is not None and "statistics" not in params:  # stand-ins from the deltas
         params["statistics"] = statistics_from_deltas(Path(tempfile.mkdtemp()), model)
     resolved = method.resolve(params)
     n_tasks = len(next(iter(model.values())))
     state = None
     if method.fit is not None:
-        fitter = method.fit(n_tasks, **resolved)
+        files = resolved.get("statistics")
+        fitter = method.fitter(n_tasks, resolved, files and open_statistics(files))
         for _ in range(10):
             for key, deltas in model.items():
                 fitter.observe(key, prepare(method, deltas))
@@ -51,7 +56,7 @@ def drive(name, model, **params):
             zeros_like_delta(first.shape, lowrank, first.dtype) if d is None else d for d in deltas
         ]
         extra = {} if state is None else {"state": state.at(key)}
-        out[key] = method.fn(prepare(method, filled), **extra, **resolved)
+        out[key] = method.fn(prepare(method, filled), **extra, **method.kernel_args(resolved))
         json.dumps(dict(out[key].stats))
     return out
 
@@ -135,7 +140,10 @@ def test_missing_task_parameter_is_handled(name):
 def test_defaults_resolve_and_are_documented(name):
     method = METHODS.get(name)
     resolved = method.resolve({})
-    assert set(resolved) == set(method.params)
+    assert list(resolved) == [*method.params, *method.data_params]
+    assert not set(method.params) & set(method.data_params)
+    assert (method.data is None) == (not method.data_params)  # a data step declares both
+    assert method.spaces == {"full"}
     assert method.summary and method.paper.startswith("https://")
     assert method.accepts <= {"dense", "lowrank"}
     module = __import__(method.fn.__module__, fromlist=["_"])
@@ -167,3 +175,22 @@ def _to(delta, device):
     if isinstance(delta, LowRank):
         return LowRank(delta.b.to(device), delta.a.to(device), delta.scale)
     return Dense(delta.tensor.to(device))
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_separable_parts_combine_to_the_kernel(name, lowrank):
+    method = METHODS.get(name)
+    if method.separable is None:
+        pytest.skip(f"{name} is not separable")
+    model = make_model(7, lowrank)
+    model["v"][1] = None  # a task without the parameter: its part is the zero delta's
+    params = method.resolve({})
+    tasks = [{k: ds[t] for k, ds in model.items() if ds[t] is not None} for t in range(3)]
+    parts = [transform_task(method, params, task, t, len(tasks)) for t, task in enumerate(tasks)]
+    combined, stats = combine_tasks(method, params, parts)
+    direct = drive(name, model)
+    for key in model:
+        torch.testing.assert_close(
+            dense(combined[key]), dense(direct[key].delta), rtol=1e-5, atol=1e-5
+        )
+        assert stats.get(key, {}) == dict(direct[key].stats), key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -65,3 +67,29 @@ def star_dense(delta: torch.Tensor, eta: float) -> torch.Tensor:
         k += 1
     scaled = s[:k] * s.sum() / s[:k].sum()
     return u[:, :k] @ torch.diag(scaled) @ vh[:k]
+
+
+def tree_hash(path: Path) -> str:
+    """Hash of a file or directory tree: relative paths, link targets and bytes.
+
+    ``path`` itself is resolved (a symlinked input is hashed through its link). Inside the
+    tree a symlink is hashed by its target string, plus the bytes of the file it points to;
+    a symlinked directory is not descended into, so a cycle or a link out of the tree cannot
+    make the hash loop. A missing path hashes to ``"absent"``.
+    """
+    root = Path(path).resolve()
+    if not root.exists():
+        return "absent"
+    digest = hashlib.sha256()
+    entries = sorted(root.rglob("*")) if root.is_dir() else [root]
+    for entry in entries:
+        rel = entry.relative_to(root).as_posix() if entry != root else "."
+        if entry.is_symlink():
+            digest.update(f"L {rel} -> {os.readlink(entry)}\0".encode())
+        elif entry.is_dir():
+            digest.update(f"D {rel}\0".encode())
+            continue
+        if entry.is_file():
+            digest.update(f"F {rel} {entry.stat().st_size}\0".encode())
+            digest.update(entry.read_bytes())
+    return digest.hexdigest()

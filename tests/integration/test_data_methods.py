@@ -71,7 +71,8 @@ def _check_model(tmp_path, setup, expected, out="out"):
 def test_mats_kfac_cli_matches_the_api_and_reuses_the_cache(tmp_path, capsys, setup):
     params = {"objective": "kfac", "iterations": 30}
     manifest = _merge(capsys, tmp_path, setup, "mats", params)
-    files = manifest["method"]["parameters"]["statistics"]
+    assert manifest["method"]["parameters"]["statistics"] is None  # never rewritten
+    files = manifest["statistics"]["state"]["statistics"]  # the entries the fit step read
     assert len(files) == 2
     with safe_open(f"{files[0]}/part-00000.safetensors", "pt") as f:
         assert "model.layers.0.self_attn.q_proj::gram_out" in f.keys()
@@ -83,7 +84,7 @@ def test_mats_kfac_cli_matches_the_api_and_reuses_the_cache(tmp_path, capsys, se
     _check_model(tmp_path, setup, expected)
     entries = sorted(p.name for p in setup["cache"].iterdir())
     again = _merge(capsys, tmp_path, setup, "mats", params, out="again")  # cached: no new entries
-    assert again["method"]["parameters"]["statistics"] == files
+    assert again["statistics"]["state"]["statistics"] == files
     assert sorted(p.name for p in setup["cache"].iterdir()) == entries
 
 
@@ -92,7 +93,7 @@ def test_mats_kfac_cli_matches_the_api_and_reuses_the_cache(tmp_path, capsys, se
 )
 def test_closed_forms_through_the_cli(tmp_path, capsys, setup, method, params):
     manifest = _merge(capsys, tmp_path, setup, method, params)
-    files = manifest["method"]["parameters"]["statistics"]
+    files = manifest["statistics"]["state"]["statistics"]
     expected = merge_deltas(method, _task_deltas(setup), {**params, "statistics": files}).deltas
     _check_model(tmp_path, setup, expected)
 
@@ -145,3 +146,27 @@ def test_a_budget_below_one_module_names_data_memory_budget(tmp_path, capsys, se
     code, _, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--quiet")
     assert code == 2 and "error: statistics of model.layers.0." in err  # after progress bars
     assert err.rstrip().endswith("but data.memory_budget is 1000; raise data.memory_budget")
+
+
+def test_precomputed_statistics_are_an_input_validated_like_the_others(tmp_path, capsys, setup):
+    manifest = _merge(capsys, tmp_path, setup, "regmean", {}, out="collected")
+    files = manifest["statistics"]["state"]["statistics"]
+    given = _merge(capsys, tmp_path, setup, "regmean", {"statistics": files}, data=False)
+    assert given["method"]["parameters"]["statistics"] == files
+    assert given["statistics"]["state"]["statistics"] == files
+    base = load_file(tmp_path / "collected" / "model.safetensors")
+    for key, tensor in load_file(tmp_path / "out" / "model.safetensors").items():
+        assert torch.equal(tensor, base[key]), key
+    for statistics, message in (
+        ([files[0]], "parameters.statistics must list one statistics file per model (2), got 1"),
+        ([files[0], str(tmp_path / "nope")], f"statistics {tmp_path / 'nope'} does not exist"),
+    ):
+        cfg = write_config(
+            tmp_path / "bad.yaml",
+            method="regmean",
+            parameters={"statistics": statistics},
+            base_model=str(setup["base"]),
+            models=[{"adapter": str(a)} for a in setup["adapters"]],
+        )
+        code, _, err = run_cli(capsys, "validate", cfg)
+        assert code == 2 and err.startswith("error:") and message in err, err

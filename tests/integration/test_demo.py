@@ -86,7 +86,7 @@ def test_trained_masks_come_from_training_items_and_lower_the_training_loss(runs
     from starmerge.demo.assets import load_task
     from starmerge.demo.env import cpu_threads
     from starmerge.demo.train import split_task
-    from starmerge.stats.reader import StatsFile
+    from starmerge.io.statistics import StatsFile
 
     root, first, _ = runs
     used, n, cache = first["data_used"][TRAINED], demo.FAST["n_stats"], root / "cache/demo/minilm"

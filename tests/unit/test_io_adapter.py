@@ -292,3 +292,136 @@ def test_import_does_not_load_transformers_or_peft():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "shown"),
+    [
+        ({"lora_alpha": "8"}, "lora_alpha", "'8'"),
+        ({"lora_alpha": None}, "lora_alpha", "None"),
+        ({"lora_alpha": [8]}, "lora_alpha", "[8]"),
+        ({"lora_alpha": True}, "lora_alpha", "True"),
+        ({"lora_alpha": 0}, "lora_alpha", "0"),
+        ({"lora_alpha": -8}, "lora_alpha", "-8"),
+        ({"lora_alpha": math.nan}, "lora_alpha", "nan"),
+        ({"lora_alpha": math.inf}, "lora_alpha", "inf"),
+        ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern['q_proj']", "'x'"),
+        ({"alpha_pattern": {"q_proj": 0.0}}, "alpha_pattern['q_proj']", "0.0"),
+        ({"r": "4"}, "r", "'4'"),
+        ({"r": 4.0}, "r", "4.0"),
+        ({"r": 0}, "r", "0"),
+        ({"rank_pattern": {"q_proj": -1}}, "rank_pattern['q_proj']", "-1"),
+    ],
+)
+def test_refused_ranks_and_alphas(plain, tmp_path, config, field, shown):
+    ad = edit_adapter(copy_adapter(plain, tmp_path / "a"), config=config)
+    want = "a positive integer" if field.startswith("r") else "a positive finite number"
+    with pytest.raises(InputError) as err:
+        load_adapter(ad)
+    assert str(err.value) == (
+        f"adapter {ad}: {field} must be {want} (as PEFT reads it), got {shown}; "
+        "fix adapter_config.json or re-save the adapter with PEFT"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "shown"),
+    [({"alpha_pattern": "q_proj"}, "'q_proj'"), ({"rank_pattern": ["q_proj"]}, "['q_proj']")],
+)
+def test_refused_patterns_that_are_not_mappings(plain, tmp_path, config, shown):
+    ad = edit_adapter(copy_adapter(plain, tmp_path / "a"), config=config)
+    field = next(iter(config))
+    with pytest.raises(InputError) as err:
+        load_adapter(ad)
+    assert str(err.value) == (
+        f"adapter {ad}: {field} must be a mapping of module patterns to values (or null), "
+        f"got {shown}; fix adapter_config.json"
+    )
+
+
+@pytest.mark.parametrize("alpha", [1e308, 10**400])
+def test_refused_alpha_whose_scale_overflows(plain, tmp_path, alpha):
+    ad = copy_adapter(plain, tmp_path / "a")
+    cfg = ad / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('"lora_alpha": 8', f'"lora_alpha": {alpha!r}'))
+    with pytest.raises(InputError, match="a scale that overflows float32; fix lora_alpha") as e:
+        load_adapter(ad)
+    assert "module 'model.layers.0.self_attn.q_proj' has lora_alpha" in str(e.value)
+    assert len(str(e.value)) < 400  # a 400-digit alpha is not printed whole
+
+
+@pytest.mark.parametrize("alpha", [16.0, 6.5])
+def test_float_alpha_accepted_as_peft_does(tmp_path, alpha):
+    llama = tiny_llama()  # fresh: test_refused_non_lora_peft_type wraps the shared one
+    reference = make_peft_adapter(llama, tmp_path, r=4, lora_alpha=alpha, target_modules=QV)
+    adapter = assert_matches_peft(tmp_path, reference)
+    assert adapter.get("model.layers.0.self_attn.q_proj.weight").scale == alpha / 4
+
+
+def test_refused_integer_factors(plain, tmp_path):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ad = copy_adapter(plain, tmp_path / "a")
+    edit_adapter(ad, tensors={key: torch.ones(4, 32, dtype=torch.int32)})
+    with pytest.raises(InputError) as err:
+        load_adapter(ad)
+    assert str(err.value) == (
+        f"adapter {ad}: LoRA factor '{key}' has dtype torch.int32, not a floating-point type; "
+        "re-export the adapter in float32, bfloat16 or float16"
+    )
+
+
+def test_refused_empty_adapter(plain, tmp_path):
+    ad = copy_adapter(plain, tmp_path / "a")
+    save_file({}, ad / "adapter_model.safetensors")
+    with pytest.raises(InputError) as err:
+        load_adapter(ad)
+    assert str(err.value) == (
+        f"adapter {ad} adapts nothing: adapter_model.safetensors holds no lora_A/lora_B "
+        "tensors; give an adapter saved after training (PeftModel.save_pretrained)"
+    )
+
+
+def _base_index(model, directory):
+    from starmerge.io.checkpoint import TensorIndex
+
+    model.save_pretrained(directory)
+    return TensorIndex.open(directory)
+
+
+def test_fan_in_fan_out_ignored_on_linear_as_peft_does(tmp_path):
+    """Llama's q/k/up are nn.Linear: PEFT resets the flag, so the delta is not transposed."""
+    llama = tiny_llama()
+    targets = ["q_proj", "k_proj", "up_proj"]  # square, (16, 32) with GQA, (64, 32)
+    reference = make_peft_adapter(llama, tmp_path / "a", r=4, lora_alpha=8, target_modules=targets)
+    edit_adapter(tmp_path / "a", config={"fan_in_fan_out": True})
+    base = _base_index(llama, tmp_path / "base")
+    adapter = load_adapter(tmp_path / "a", base)
+    assert adapter.fan_in_fan_out and adapter.transposed == frozenset()
+    for key, expected in reference.items():
+        assert adapter.shapes()[key] == tuple(expected.shape) == base.shape(key)
+        torch.testing.assert_close(adapter.get(key).to_dense(torch.float64), expected)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_fan_in_fan_out_on_conv1d_decided_by_base(tmp_path, flag):
+    """GPT-2's Conv1D: transposed whatever the flag says (PEFT forces it), square c_proj too."""
+    gpt2 = tiny_gpt2()
+    reference = make_peft_adapter(
+        gpt2, tmp_path / "a", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]
+    )
+    edit_adapter(tmp_path / "a", config={"fan_in_fan_out": flag})
+    adapter = load_adapter(tmp_path / "a", _base_index(gpt2, tmp_path / "base"))
+    assert adapter.transposed == frozenset(reference)
+    assert "transformer.h.0.attn.c_proj.weight" in reference  # the square (32, 32) module
+    for key, expected in reference.items():
+        torch.testing.assert_close(adapter.get(key).to_dense(torch.float64), expected)
+
+
+def test_fan_in_fan_out_square_only_follows_the_flag(tmp_path):
+    """Only square modules: the shape cannot tell, so the flag PEFT saved decides."""
+    llama = tiny_llama()
+    make_peft_adapter(llama, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    base = _base_index(llama, tmp_path / "base")
+    assert load_adapter(tmp_path / "a", base).transposed == frozenset()
+    edit_adapter(tmp_path / "a", config={"fan_in_fan_out": True})
+    assert len(load_adapter(tmp_path / "a", base).transposed) == 2  # q_proj of both layers

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -12,11 +14,13 @@ import torch
 from io_fixtures import tiny_llama
 
 from starmerge.errors import InputError, OutputError
+from starmerge.io import staging
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan
 from starmerge.io.writer import (
     atomic_output_dir,
     check_output_dir,
+    check_outside_inputs,
     copy_model_files,
     parse_size,
 )
@@ -204,3 +208,68 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
         with atomic_output_dir(out, overwrite=False) as tmp:
             write_all(tmp, {f"t{i}": torch.zeros(4) for i in range(4)}, max_shard_size=32)
     assert os.listdir(tmp_path) == []
+
+
+def test_outside_inputs(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    inputs = [("adapter models[0]", tmp_path / "a")]
+    check_outside_inputs(tmp_path / "b", inputs)
+    check_outside_inputs(tmp_path / "ab", inputs)  # a shared name prefix is not containment
+    for out, relation in [
+        (tmp_path / "a", "is"),
+        (tmp_path / "link", "is"),
+        (tmp_path, "contains"),
+        (tmp_path / "a" / "sub" / "new", "lies inside"),
+        (tmp_path / "link" / "new", "lies inside"),
+    ]:
+        with pytest.raises(OutputError) as e:
+            check_outside_inputs(out, inputs)
+        assert str(e.value) == (
+            f"output directory {out} {relation} the input adapter models[0] ({tmp_path / 'a'}); "
+            "choose an output directory outside every input"
+        )
+
+
+def test_staging_names_are_short_and_owned(tmp_path):
+    for name in ["out", "m" * 250, "é" * 120]:
+        path = staging.staging_dir(tmp_path / name, "tmp")
+        assert len(path.name.encode()) <= 110 and path.parent == tmp_path
+        assert f"-{os.getpid()}-" in path.name
+    assert staging.staging_dir(tmp_path / "out", "tmp").name.startswith(".out.tmp-")
+    long_a, long_b = (staging.staging_dir(tmp_path / (c * 250), "tmp").name for c in "ab")
+    assert long_a.split(".tmp-")[0] != long_b.split(".tmp-")[0]
+
+
+def test_clean_stale_only_dead_owners(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host, out = staging._host(), tmp_path / "out"
+    dead_tmp = tmp_path / f".out.tmp-{host}-{proc.pid}-00000000"
+    dead_old = tmp_path / f".out.old-{host}-{proc.pid}-00000000"
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-00000000"
+    for d in (dead_tmp, dead_old, live):
+        d.mkdir()
+    assert staging.clean_stale(out) == [dead_tmp]  # .old- is the only copy while out is absent
+    out.mkdir()
+    assert staging.clean_stale(out) == [dead_old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
+
+
+def test_rename_noreplace(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(FileExistsError):
+        staging.rename_noreplace(tmp_path / "src", tmp_path / "dst")  # even onto an empty directory
+    staging.rename_noreplace(tmp_path / "src", tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["dst", "new"]
+
+
+def test_filled_meanwhile_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="appeared while the merge ran and is not empty"):
+        with atomic_output_dir(out, overwrite=False) as tmp:
+            out.mkdir()
+            (out / "theirs").write_text("theirs")
+            (tmp / "x").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["theirs"]

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from starmerge.errors import StarmergeError
-from starmerge.stats import ByteCounter, StatsFile, collect_statistics
+from starmerge.io.statistics import StatsFile
+from starmerge.stats import ByteCounter, collect_statistics
 from starmerge.stats.cache import StatsWriter, entry_path
 from starmerge.stats.collect import accumulator_bytes
 

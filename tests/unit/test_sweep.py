@@ -19,13 +19,14 @@ from starmerge.sweep import (
     Job,
     ResultsStore,
     RunOptions,
+    Runtime,
     job_key,
     merge_job,
     random_subsets,
     sweep_from_dict,
 )
 from starmerge.sweep.collate import build_results, seed_markdown
-from starmerge.sweep.workbench import star_task
+from starmerge.sweep.workbench import Workbench
 from starmerge.tensors.delta import Dense, LowRank
 
 
@@ -114,23 +115,39 @@ def test_store_writes_atomically_and_lists_keys(tmp_path):
     assert store.keys() == ["k1"]
 
 
-def test_cached_star_equals_the_star_method():
+def _vectors(tasks):
     gen = torch.Generator().manual_seed(0)
-    tasks = []
-    for _ in range(3):
-        tasks.append({
-            "a.weight": LowRank(torch.randn(12, 4, generator=gen),
-                                torch.randn(4, 10, generator=gen), 2.0),
+    out = {}
+    for i, task in enumerate(tasks):
+        out[task] = {
+            "a.weight": LowRank(
+                torch.randn(12, 4, generator=gen), torch.randn(4, 10, generator=gen), 2.0
+            ),
             "b.weight": Dense(torch.randn(8, 6, generator=gen)),
             "c.bias": Dense(torch.randn(8, generator=gen)),
-        })  # fmt: skip
-    parts = [star_task(t, 40.0)[0] for t in tasks]
-    cached = merge_deltas("simple_average", parts).deltas
-    direct = merge_deltas("star", tasks, {"eta": 40.0}).deltas
-    for key in direct:
-        assert torch.allclose(cached[key].to_dense(), direct[key].to_dense(), atol=1e-5), key
-    processed, kept = star_task(tasks[0], 40.0)
-    assert isinstance(processed["a.weight"], LowRank) and kept["a.weight"] <= 4
+        }
+        if i == 1:
+            del out[task]["b.weight"]  # a task without the parameter: a zero delta
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("star", {"eta": 40}), ("simple_average", {}), ("task_arithmetic", {"scaling": 0.7})],
+)
+def test_cached_separable_merges_equal_the_method(flan, method, params):
+    bench = Workbench(flan, RunOptions(), Runtime(device="cpu"))
+    bench._vectors = _vectors(["mnli", "qnli", "qqp"])  # no checkpoints: vectors in memory
+    for tasks in (["mnli", "qnli", "qqp"], ["mnli", "qqp"]):
+        job = merge_job(method, params, tasks)
+        cached, stats = bench.deltas(job)
+        direct = merge_deltas(method, [bench._vectors[t] for t in job.tasks], params)
+        for key in direct.deltas:
+            torch.testing.assert_close(
+                cached[key].to_dense(), direct.deltas[key].to_dense(), rtol=1e-5, atol=1e-5
+            )
+        assert stats["per_parameter"] == direct.stats["per_parameter"]
+    assert bench.transforms == 3  # each task transformed once, reused by the second task set
 
 
 def _record(scores: dict[str, float]) -> dict:

@@ -54,7 +54,7 @@ def test_interrupted_sweep_resumes_with_only_the_missing_jobs(tiny_mistral, tmp_
     # Each task's vector is read once, its STAR factors computed once per eta, whatever the
     # number of task sets that contain it (the seed recomputed everything per merge).
     assert outcome.cache["task_vectors"] <= 3
-    assert outcome.cache["star_factorizations"] <= 3 * 2
+    assert outcome.cache["task_transforms"] <= 3 * 2
     assert all(store.path(k).stat().st_mtime_ns == t for k, t in done.items())  # untouched
     assert len(store.keys()) == 12
 

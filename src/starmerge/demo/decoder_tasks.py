@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from starmerge.errors import StarmergeError
+import yaml
+
 from starmerge.demo.assets import TaskData, load_task, package_dir
+from starmerge.errors import StarmergeError
 
 #: Task -> prompt template (``{text}`` is the input).
 TEMPLATES = {
@@ -40,13 +42,16 @@ def load_trivia() -> TaskData:
     Raises:
         StarmergeError: The package is missing or holds fewer than 200 pairs.
     """
-    import yaml
-
     pip = "chatterbot-corpus==1.3.3"
     path = package_dir("chatterbot_corpus", pip, "task 'trivia'") / "data/english/trivia.yml"
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    pairs = sorted({(" ".join(str(c[0]).split()), " ".join(str(c[1]).split()))
-                    for c in (doc or {}).get("conversations") or [] if len(c) == 2})  # fmt: skip
+    pairs = sorted(
+        {
+            (" ".join(str(c[0]).split()), " ".join(str(c[1]).split()))
+            for c in (doc or {}).get("conversations") or []
+            if len(c) == 2
+        }
+    )
     if len(pairs) < MIN_TRIVIA:
         raise StarmergeError(
             f"task 'trivia': {path} holds {len(pairs)} question-answer pairs, expected at least "

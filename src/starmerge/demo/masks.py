@@ -22,7 +22,11 @@ import torch
 from torch import Tensor
 
 from starmerge.demo.train import TaskAdapter, applied
+from starmerge.io.statistics import open_statistics
+from starmerge.memory import PeakMemory, rss_anon_bytes
+from starmerge.methods.localize_stitch import LSFitter, in_parameter_set
 from starmerge.stats.collect import LossFn
+from starmerge.stats.masks import train_masks
 from starmerge.tensors.delta import Dense
 from starmerge.tensors.sparsify import kth_largest_abs
 
@@ -45,24 +49,31 @@ def mask_key(adapter: TaskAdapter, settings: Mapping[str, Any], n: int) -> str:
     return f"{adapter.path.name}-{settings_label(settings)}-n{n}-v{MASKS_VERSION}"
 
 
-def task_taus(adapters: Mapping[str, TaskAdapter], task: str,
-              parameter_set: str) -> dict[str, Tensor]:  # fmt: skip
+def task_taus(
+    adapters: Mapping[str, TaskAdapter], task: str, parameter_set: str
+) -> dict[str, Tensor]:
     """``task``'s dense task vector on every merged key in P (zeros where it has no delta).
 
     As in ``stats.gather.train_into``: the keys are those of every adapter, so each task's
     entry holds a mask for every parameter the merge reads.
     """
-    from starmerge.methods.localize_stitch import in_parameter_set
-
     shapes = {k: d.shape for a in adapters.values() for k, d in a.deltas.items()}
     own = adapters[task].deltas
-    return {k: own[k].to_dense(torch.float32) if k in own else torch.zeros(shape)
-            for k, shape in shapes.items() if in_parameter_set(k, parameter_set)}  # fmt: skip
+    return {
+        k: own[k].to_dense(torch.float32) if k in own else torch.zeros(shape)
+        for k, shape in shapes.items()
+        if in_parameter_set(k, parameter_set)
+    }
 
 
-def train_entry(writer: Any, encoder: torch.nn.Module, taus: Mapping[str, Tensor],
-                batches: Sequence[Any], loss_fn: LossFn,
-                settings: Mapping[str, Any]) -> int:  # fmt: skip
+def train_entry(
+    writer: Any,
+    encoder: torch.nn.Module,
+    taus: Mapping[str, Tensor],
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    settings: Mapping[str, Any],
+) -> int:
     """Train one task's masks into ``writer`` (a ``StatsWriter``); return the peak bytes.
 
     The peak is at least the trainer's own state, five float32 copies of P (theta_0, tau, the
@@ -73,9 +84,6 @@ def train_entry(writer: Any, encoder: torch.nn.Module, taus: Mapping[str, Tensor
     ``total`` (entries of P), and ``loss`` (the hard masks' training loss, ``trained``, beside
     the dataless top-k mask with as many entries, ``top_k``, and the whole task vector, ``full``).
     """
-    from starmerge.memory import PeakMemory, rss_anon_bytes
-    from starmerge.stats.masks import train_masks
-
     params = dict(settings)
     params.pop("parameter_set", None)
     at_start = rss_anon_bytes() or 0
@@ -86,11 +94,14 @@ def train_entry(writer: Any, encoder: torch.nn.Module, taus: Mapping[str, Tensor
     writer({f"{k}::mask": m for k, m in result.masks.items()})
     ones = {k: torch.ones_like(m) for k, m in masks.items()}
     writer.meta.update(
-        mask_losses=[round(x, 5) for x in result.losses], kept=kept,
+        mask_losses=[round(x, 5) for x in result.losses],
+        kept=kept,
         total=sum(t.numel() for t in taus.values()),
-        loss={name: round(masked_loss(encoder, taus, m, batches, loss_fn), 5)
-              for name, m in (("trained", masks), ("top_k", top_k(taus, kept)), ("full", ones))},
-    )  # fmt: skip
+        loss={
+            name: round(masked_loss(encoder, taus, m, batches, loss_fn), 5)
+            for name, m in (("trained", masks), ("top_k", top_k(taus, kept)), ("full", ones))
+        },
+    )
     state = 5 * 4 * sum(t.numel() for t in taus.values())
     return max(state, memory.peak - at_start)
 
@@ -108,25 +119,32 @@ def top_k(taus: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     return {key: (t.abs() >= threshold) & (t != 0) for key, t in taus.items()}
 
 
-def masked_loss(encoder: torch.nn.Module, taus: Mapping[str, Tensor],
-                masks: Mapping[str, Tensor], batches: Sequence[Any],
-                loss_fn: LossFn) -> float:  # fmt: skip
+def masked_loss(
+    encoder: torch.nn.Module,
+    taus: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+) -> float:
     """Mean over ``batches`` of the batch-mean loss of theta_0 + mask * tau."""
     deltas = {k: Dense(torch.where(masks[k], t, torch.zeros_like(t))) for k, t in taus.items()}
     with torch.no_grad(), applied(encoder, deltas):
         return sum(float(loss_fn(encoder, b).mean()) for b in batches) / len(batches)
 
 
-def mask_summary(adapters: Mapping[str, TaskAdapter], entries: Sequence[Path],
-                 parameter_set: str) -> dict[str, Any]:  # fmt: skip
+def mask_summary(
+    adapters: Mapping[str, TaskAdapter], entries: Sequence[Path], parameter_set: str
+) -> dict[str, Any]:
     """Per-task sparsity and the overlap of the stored masks, counted as the merge counts them.
 
     One counting pass of the method's own fit step (``LSFitter``) over the entries.
     """
-    from starmerge.methods.localize_stitch import LSFitter
-
-    fitter = LSFitter(len(entries), mode="trained", parameter_set=parameter_set,
-                      statistics=[str(p) for p in entries])  # fmt: skip
+    fitter = LSFitter(
+        len(entries),
+        mode="trained",
+        parameter_set=parameter_set,
+        statistics=open_statistics(entries),
+    )
     keys = dict.fromkeys(k for a in adapters.values() for k in a.deltas)
     for key in keys:
         fitter.observe(key, [a.deltas.get(key) for a in adapters.values()])

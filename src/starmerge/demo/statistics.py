@@ -6,7 +6,7 @@ tier's task loss (the encoder's head, or the decoder's answer tokens: each tier 
 task's own *training* items (a seeded choice; never test items). Each (task adapter, kind, n) is
 written once into the demo cache as a statistics entry (``index.json`` records the split, n,
 the items and the cost) and its path is passed to ``merge_deltas`` as ``statistics``. Only the
-kinds a method's parameters need (``starmerge.stats.requests.data_request``) are collected.
+kinds a method's parameters need (its registry entry's ``data(params)``) are collected.
 Trained Localize-and-Stitch masks (``mode: trained``) come from the same items and batches, one
 cached entry per (adapter, n, mask settings): see :mod:`starmerge.demo.masks`.
 """
@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from starmerge.errors import StarmergeError
 from starmerge.demo.assets import TaskData
 from starmerge.demo.train import TaskAdapter, _seed_for, applied
+from starmerge.errors import StarmergeError
+from starmerge.methods import METHODS
+from starmerge.methods.contract import DataRequest
 
 STATS_VERSION = 1  # bump when collection changes what an entry holds
 BATCH_SIZE = 16
@@ -56,11 +58,10 @@ class DemoStatistics:
         self.peak_bytes: dict[str, int] = {}  # kind -> largest accumulator footprint
         self.entries: dict[tuple[str, str], Path] = {}
 
-    def request(self, method: str, params: Mapping[str, Any]):
-        """What ``method`` needs at ``params`` (None: nothing)."""
-        from starmerge.stats.requests import data_request
-
-        return data_request(method, params)
+    def request(self, method: str, params: Mapping[str, Any]) -> DataRequest | None:
+        """What ``method`` needs at ``params`` (defaults filled; None: nothing)."""
+        spec = METHODS.get(method)
+        return spec.data(spec.resolve(params)) if spec.data is not None else None
 
     def unavailable(self, method: str, params: Mapping[str, Any]) -> str | None:
         """Why the demo cannot provide the data ``method`` needs (None: it can, or none needed)."""

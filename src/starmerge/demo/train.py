@@ -24,10 +24,12 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from starmerge.errors import InputError, StarmergeError, UnknownNameError, did_you_mean
 from starmerge.demo.assets import TaskData
+from starmerge.errors import InputError, StarmergeError, UnknownNameError, did_you_mean
+from starmerge.io.adapter import load_adapter as read_lora
 from starmerge.tensors.delta import Delta
 
 CACHE_VERSION = 1  # bump when the training code changes what a recipe produces
@@ -163,10 +165,6 @@ def get_adapter(
 
 def load_adapter(path: Path) -> TaskAdapter:
     """Read a cached adapter: its ``LowRank`` delta per base ``<module>.weight``, and its head."""
-    from safetensors.torch import load_file
-
-    from starmerge.io.adapter import load_adapter as read_lora
-
     lora = read_lora(path / "adapter")  # the same reader as `starmerge merge`
     deltas: dict[str, Delta] = {key: lora.get(key) for key in lora.keys()}
     head = (
@@ -176,11 +174,10 @@ def load_adapter(path: Path) -> TaskAdapter:
     return TaskAdapter(meta["task"], deltas, head.get("weight"), head.get("bias"), path, meta)
 
 
-def write_adapter_dir(path: Path, model: Any, meta: dict[str, Any],
-                      head: torch.nn.Linear | None = None) -> None:  # fmt: skip
+def write_adapter_dir(
+    path: Path, model: Any, meta: dict[str, Any], head: torch.nn.Linear | None = None
+) -> None:
     """Write a PEFT adapter (+ head) and ``meta.json`` to a temporary dir, renamed to ``path``."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
@@ -204,17 +201,30 @@ def _seed_for(task: str, seed: int) -> int:
     return int(hashlib.sha256(f"{task}:{seed}".encode()).hexdigest()[:8], 16)
 
 
-def train_meta(train: TaskData, recipe: Recipe, seed: int, start: float,
-               loss: float) -> dict[str, Any]:  # fmt: skip
+def train_meta(
+    train: TaskData, recipe: Recipe, seed: int, start: float, loss: float
+) -> dict[str, Any]:
     """What ``meta.json`` records about a training run."""
-    return {"task": train.name, "label_names": list(train.label_names), "n_train": len(train),
-            "recipe": asdict(recipe), "seed": seed, "source": train.source,
-            "train_seconds": round(time.perf_counter() - start, 2),
-            "final_loss": round(loss, 4)}  # fmt: skip
+    return {
+        "task": train.name,
+        "label_names": list(train.label_names),
+        "n_train": len(train),
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "source": train.source,
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "final_loss": round(loss, 4),
+    }
 
 
-def run_steps(params: list[torch.nn.Parameter], batch_loss: Any, n_items: int, recipe: Recipe,
-              generator: torch.Generator, bar: Any) -> float:  # fmt: skip
+def run_steps(
+    params: list[torch.nn.Parameter],
+    batch_loss: Any,
+    n_items: int,
+    recipe: Recipe,
+    generator: torch.Generator,
+    bar: Any,
+) -> float:
     """``recipe.steps`` AdamW steps (lr decaying linearly to 0) on reshuffled batches of items.
 
     Args:

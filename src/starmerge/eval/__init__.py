@@ -18,17 +18,25 @@ _EXPORTS = {
     "starmerge.eval.tasks": ["Example", "TaskSpec", "list_tasks", "load_task", "task_from_dict"],
     "starmerge.eval.sources": ["Sampling", "Source", "load_rows", "sample_indices"],
     "starmerge.eval.metrics": [
-        "METRICS", "accuracy", "bootstrap_ci", "exact_match", "macro_f1", "normalized_score",
+        "METRICS",
+        "accuracy",
+        "bootstrap_ci",
+        "exact_match",
+        "macro_f1",
+        "normalized_score",
         "spearman",
     ],
     "starmerge.eval.matching": ["match_choice", "match_label", "parse_number"],
     "starmerge.eval.backends": [
-        "Backend", "CausalLMBackend", "ClassifierBackend", "ClassifierHeadBackend",
+        "Backend",
+        "CausalLMBackend",
+        "ClassifierBackend",
+        "ClassifierHeadBackend",
         "Seq2SeqBackend",
     ],
     "starmerge.eval.runner": ["TaskResult", "evaluate", "evaluate_task"],
     "starmerge.eval.results": ["Results", "load_results", "validate_results"],
-}  # fmt: skip
+}
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 

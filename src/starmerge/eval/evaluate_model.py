@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from starmerge.errors import InputError
+from safetensors import SafetensorError
+
+from starmerge.errors import InputError, OutputError
+from starmerge.io.checkpoint import TensorIndex
+
+# Weight files whose safetensors headers are checked before transformers or PEFT open them.
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
 def load_backend(
@@ -22,7 +28,8 @@ def load_backend(
     Encoder-decoder models get a ``Seq2SeqBackend``, others a ``CausalLMBackend``.
 
     Raises:
-        InputError: The path is not a model directory or has no tokenizer.
+        InputError: The path is not a model directory, has no tokenizer, or holds a truncated
+            or corrupt weights file (the model's or the adapter's).
     """
     import transformers as tf
 
@@ -30,6 +37,9 @@ def load_backend(
     from starmerge.io.hub import resolve
 
     path = resolve(model_path, what="model")
+    adapter_path = None if adapter is None else resolve(adapter, what="adapter")
+    for checkpoint in (path, adapter_path):  # before anything loads, so the error comes alone
+        _check_headers(checkpoint)
     try:
         config = tf.AutoConfig.from_pretrained(path)
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
@@ -40,11 +50,13 @@ def load_backend(
         ) from None
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     cls = tf.AutoModelForSeq2SeqLM if seq2seq else tf.AutoModelForCausalLM
-    model = cls.from_pretrained(path)
-    if adapter is not None:
+    model = _pretrained(lambda: cls.from_pretrained(path), path, "model")
+    if adapter_path is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, resolve(adapter, what="adapter"))
+        model = _pretrained(
+            lambda: PeftModel.from_pretrained(model, adapter_path), adapter_path, "adapter"
+        )
         model = model.merge_and_unload()
     model.eval()
     if seq2seq:
@@ -56,6 +68,32 @@ def load_backend(
         chat_template=chat_template,
         template_kwargs=template_kwargs,
     )
+
+
+def _check_headers(path: Path | None) -> None:
+    """Read the safetensors headers in ``path`` with starmerge's own reader.
+
+    A truncated or corrupt file is then named as it is for a merge (``InputError``).
+    """
+    for name in _SAFETENSORS:
+        if path is not None and (Path(path) / name).is_file():
+            with TensorIndex.open(Path(path) / name):
+                pass
+
+
+def _pretrained(load: Callable[[], Any], path: Path, what: str) -> Any:
+    """Run a ``from_pretrained`` call, turning a bad checkpoint into one ``InputError``."""
+    try:
+        return load()
+    except (SafetensorError, OSError) as exc:
+        raise InputError(
+            f"cannot load the {what} in {path} ({_first_line(exc)}); re-download or "
+            f"re-save the {what}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def evaluate_model(
@@ -94,5 +132,11 @@ def evaluate_model(
     }
     results = Results(suite="eval", model=model_path, seed=seed, config=config)
     results.add_eval(row, evaluate(backend, specs, seed=seed))
-    path = results.write(out_dir, name=row)
+    try:
+        path = results.write(out_dir, name=row)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the results to {out_dir} ({exc.strerror or exc}); give a writable "
+            "directory with --out"
+        ) from None
     return results.to_json(), path

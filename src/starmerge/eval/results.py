@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from starmerge.errors import InputError, StarmergeError
+from starmerge.errors import InputError, StarmergeError, short_repr
 from starmerge.eval.metrics import TaskSample, bootstrap_ci, normalized_score
 
 INDIVIDUAL = "individual"
@@ -55,8 +55,13 @@ def git_hash() -> str | None:
     """The commit of the starmerge checkout, or None outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5, check=True)  # fmt: skip
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -167,12 +172,17 @@ class Results:
         """The results file's content (summary, predictions and provenance)."""
         ref = next((r["scores"] for r in self._rows if r["name"] == INDIVIDUAL), None)
         return {
-            "suite": self.suite, "model": self.model, "seed": self.seed,
-            "versions": dict(self.versions), "config": self.config, "tasks": self.tasks,
+            "suite": self.suite,
+            "model": self.model,
+            "seed": self.seed,
+            "versions": dict(self.versions),
+            "config": self.config,
+            "tasks": self.tasks,
             "rows": [self._summary_row(r, ref) for r in self._rows],
             "predictions": {r["name"]: r["predictions"] for r in self._rows if r["predictions"]},
-            "created": self.created, "git": git_hash(),
-        }  # fmt: skip
+            "created": self.created,
+            "git": git_hash(),
+        }
 
     def run_id(self) -> str:
         """12 hex digits hashing what defines the run (not its scores).
@@ -206,7 +216,7 @@ def _is_num(x: Any) -> bool:
 def _row_problems(i: int, row: Any, tasks: Mapping[str, Any]) -> list[str]:
     if not isinstance(row, dict) or not isinstance(row.get("name"), str):
         return [f"rows[{i}] must be an object with a string 'name'"]
-    where, problems = f"row {row['name']!r}", []
+    where, problems = f"row {short_repr(row['name'])}", []
     scores = row.get("scores")
     if not isinstance(scores, dict) or not all(_is_num(v) for v in scores.values()):
         problems.append(f"{where}: 'scores' must map task names to numbers")
@@ -216,7 +226,7 @@ def _row_problems(i: int, row: Any, tasks: Mapping[str, Any]) -> list[str]:
         problems.append(f"{where}: 'normalized' must be a number or null")
     ci = row.get("ci")
     if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_num, ci))):
-        problems.append(f"{where}: 'ci' must be [lo, hi] or null, got {ci!r}")
+        problems.append(f"{where}: 'ci' must be [lo, hi] or null, got {short_repr(ci)}")
     if row.get("parameters") is not None and not isinstance(row["parameters"], dict):
         problems.append(f"{where}: 'parameters' must be an object")
     return problems
@@ -228,21 +238,25 @@ def validate_results(data: Any) -> list[str]:
         return [f"the top level must be an object, got {type(data).__name__}"]
     kinds = {"suite": str, "model": str, "seed": int, "versions": dict, "config": dict}
     problems = [
-        f"'{key}' must be {kind.__name__}, got {data.get(key)!r}"
+        f"'{key}' must be {kind.__name__}, got {short_repr(data.get(key))}"
         for key, kind in {**kinds, "tasks": dict, "rows": list}.items()
         if not isinstance(data.get(key), kind)
     ]
     tasks = data.get("tasks")
     for name, spec in (tasks or {}).items() if isinstance(tasks, dict) else ():
-        if not (isinstance(spec, dict) and isinstance(spec.get("metric"), str)
-                and isinstance(spec.get("n"), int)):  # fmt: skip
-            problems.append(f"tasks[{name!r}] must be {{'metric': str, 'n': int}}, got {spec!r}")
+        if not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("metric"), str)
+            and isinstance(spec.get("n"), int)
+        ):
+            got = short_repr(spec)
+            problems.append(f"tasks[{name!r}] must be {{'metric': str, 'n': int}}, got {got}")
     rows = data.get("rows") if isinstance(data.get("rows"), list) else []
     for i, row in enumerate(rows):
         problems += _row_problems(i, row, tasks or {})
-    names = [r.get("name") for r in rows if isinstance(r, dict)]
+    names = [r["name"] for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)]
     if len(set(names)) != len(names):
-        problems.append(f"row names must be unique, got {names}")
+        problems.append(f"row names must be unique, got {short_repr(names)}")
     return problems
 
 
@@ -255,11 +269,29 @@ def load_results(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise InputError(f"results file {path} does not exist") from None
+        raise InputError(f"results file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise InputError(
+            f"results file {path} is a directory; give the JSON files in it ({path}/*.json)"
+        ) from None
+    except OSError as err:
+        raise InputError(f"cannot read results file {path} ({err.strerror}); check it") from None
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"results file {path} is not UTF-8 text (byte offset {err.start}), so not a "
+            "results JSON; give a file written by starmerge eval, sweep or demo"
+        ) from None
     except json.JSONDecodeError as err:
-        raise InputError(f"results file {path} is not valid JSON: {err}") from None
+        raise InputError(
+            f"results file {path} is not valid JSON ({err}); give a file written by starmerge"
+        ) from None
+    except RecursionError:
+        raise InputError(
+            f"results file {path} nests JSON too deeply to be a results file; give a file "
+            "written by starmerge"
+        ) from None
     problems = validate_results(data)
     if problems:
         raise InputError(f"{path} is not a starmerge results file: {'; '.join(problems)}")

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from starmerge.errors import StarmergeError
 from starmerge.eval.backends import Backend, ClassifierBackend
 from starmerge.eval.matching import match_choice, parse_number
@@ -124,10 +126,15 @@ def evaluate_task(
     preds = [d["pred"] for d in details]
     metric: Callable[[Sequence[Any], Sequence[Any]], float] = METRICS.get(task.metric)
     predictions = [
-        {"index": ex.index, "input": ex.input, "gold": gold, **d,
-         **_per_example(task, d["pred"], gold)}
+        {
+            "index": ex.index,
+            "input": ex.input,
+            "gold": gold,
+            **d,
+            **_per_example(task, d["pred"], gold),
+        }
         for ex, gold, d in zip(examples, golds, details, strict=True)
-    ]  # fmt: skip
+    ]
     return TaskResult(task.metric, metric(preds, golds), len(examples), predictions)
 
 
@@ -157,8 +164,6 @@ def evaluate(
         >>> results["example_sst2"].score  # doctest: +SKIP
         0.5
     """
-    import torch
-
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise StarmergeError(f"task names must be unique, got {names}")

@@ -107,7 +107,8 @@ def load_rows(source: Source, task: str = "?") -> list[dict[str, Any]]:
     A python source is ``module:function``, called with ``split=`` and ``config=`` when set.
 
     Raises:
-        StarmergeError: The file, the package or the function is missing.
+        StarmergeError: The file, the package or the function is missing, or the file cannot
+            be read in its format.
     """
     if source.type == "hub":
         return _read_hub(source, task)
@@ -125,7 +126,13 @@ def load_rows(source: Source, task: str = "?") -> list[dict[str, Any]]:
     fmt = source.format or path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise _missing(task, f"cannot tell the format of {path}", "set source.format")
-    return _read_local(path, fmt, task)
+    try:
+        return _read_local(path, fmt, task)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:  # JSONDecodeError too
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise _missing(
+            task, f"cannot read data file {path} as {fmt} ({first})", "save it as UTF-8 " + fmt
+        ) from None
 
 
 def sample_indices(n_rows: int, sampling: Sampling, labels: list[str] | None) -> list[int]:

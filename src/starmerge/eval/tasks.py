@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from starmerge.errors import ConfigError, StarmergeError, UnknownNameError, did_you_mean
 from starmerge.eval import sources
 from starmerge.eval.metrics import METRICS
 from starmerge.eval.sources import Sampling, Source
+from starmerge.yaml_io import load_yaml
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 _DIR = "__dir__"  # internal source key: the directory of the file that set source.path
@@ -144,7 +143,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read one task file and its ``include`` chain into one dict."""
     if path.resolve() in seen:
         raise ConfigError([f"{path}: include cycle through {', '.join(map(str, seen))}"])
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml(path, what="task file")
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: a task file must be a mapping, got {type(data).__name__}"])
     return _with_include(data, path.parent, (*seen, path.resolve()))

@@ -2,10 +2,18 @@
 
 Per DESIGN.md: the delta of ``<module>.weight`` is ``scale * B @ A``, scale = alpha / r (alpha /
 sqrt(r) with ``use_rslora``), r and alpha per module from ``rank_pattern``/``alpha_pattern`` as PEFT
-matches them, transposed when ``fan_in_fan_out``; keys drop ``base_model.model.``. Other features
-(DoRA, LoRA biases, embedding LoRA, ``modules_to_save``, variants, base-changing inits) and unknown
-tensors are refused by name (``adapter_refusals.py``). ``target_modules``/``layers_to_transform``
-need no handling: the modules come from the tensors in the file.
+matches them; keys drop ``base_model.model.``. Other features (DoRA, LoRA biases, embedding LoRA,
+``modules_to_save``, variants, base-changing inits), unknown tensors, ranks and alphas PEFT would
+not read as meant, non-floating factors and empty adapters are refused (``adapter_refusals.py``).
+``target_modules``/``layers_to_transform`` need no handling: the modules come from the tensors.
+
+``fan_in_fan_out``: PEFT transposes ``B @ A`` only for a GPT-2 ``Conv1D`` layer, whose weight is
+stored (in, out), whatever the flag says (it resets the flag on ``nn.Linear`` and sets it on
+``Conv1D``). The layer type is not in the files, so with a base model the base weight's shape
+decides: stored (in, out) with in != out -> transposed, (out, in) -> not. A square module cannot
+be told by shape: it follows the adapter's non-square modules (one model's adapted layers are all
+``Conv1D`` or all ``nn.Linear``), and the flag only when the adapter has none (PEFT saves the
+flag it corrected, so a PEFT-saved flag is right). Without a base model the flag decides.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from typing import Any
 
 import torch
 
-from starmerge.errors import InputError
-from starmerge.io.adapter_refusals import refuse, refuse_config, refuse_tensors
+from starmerge.errors import InputError, short_repr
+from starmerge.io.adapter_refusals import check_numbers, refuse, refuse_config, refuse_tensors
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.tensors.delta import LowRank
+from starmerge.tensors.finite import FLOAT32_MAX, all_finite
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -51,7 +60,7 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
 class _Module:
     a_key: str  # lora_A tensor, (r, in)
     b_key: str  # lora_B tensor, (out, r)
-    shape: tuple[int, int]  # delta shape in the base weight's layout
+    shape: tuple[int, int]  # (out, in), PEFT's layout of B @ A
     rank: int
     scale: float
 
@@ -63,12 +72,18 @@ class LoraAdapter:
     """
 
     def __init__(
-        self, path: Path, config: dict[str, Any], index: TensorIndex, modules: dict[str, _Module]
+        self,
+        path: Path,
+        config: dict[str, Any],
+        index: TensorIndex,
+        modules: dict[str, _Module],
+        transposed: frozenset[str] = frozenset(),
     ):
         self.path = path
         self.config = config
         self._index = index
         self._modules = modules
+        self.transposed = transposed  # keys whose B @ A is transposed to the base's (in, out)
 
     @property
     def base_model(self) -> str | None:
@@ -82,7 +97,7 @@ class LoraAdapter:
 
     @property
     def fan_in_fan_out(self) -> bool:
-        """Whether the base weights are stored (in, out) (GPT-2 ``Conv1D``)."""
+        """The config's flag (what was applied per module is :attr:`transposed`)."""
         return bool(self.config.get("fan_in_fan_out", False))
 
     @property
@@ -96,7 +111,7 @@ class LoraAdapter:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Parameter key -> delta shape in the base weight's layout."""
-        return {key: m.shape for key, m in self._modules.items()}
+        return {key: self._shape(key, m) for key, m in self._modules.items()}
 
     def get(self, key: str) -> LowRank:
         """Read the delta of parameter ``key``, with ``b @ a`` in the base weight's layout.
@@ -107,7 +122,7 @@ class LoraAdapter:
         """
         m = self._module(key)
         a, b = self._read(m.a_key), self._read(m.b_key)
-        if self.fan_in_fan_out:  # base stored (in, out): delta^T = (B A)^T = A^T B^T
+        if key in self.transposed:  # base stored (in, out): delta^T = (B A)^T = A^T B^T
             return LowRank(a.T, b.T, m.scale)
         return LowRank(b, a, m.scale)
 
@@ -119,6 +134,9 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return f"LoraAdapter({str(self.path)!r}, {len(self._modules)} modules)"
+
+    def _shape(self, key: str, m: _Module) -> tuple[int, int]:
+        return (m.shape[1], m.shape[0]) if key in self.transposed else m.shape
 
     def _module(self, key: str) -> _Module:
         try:
@@ -136,31 +154,22 @@ class LoraAdapter:
         return t
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite.
-
-    A NaN or Inf anywhere makes the sum non-finite, so a finite sum proves the tensor finite; the
-    elementwise check runs only when the sum overflowed. Far cheaper than ``isfinite(t).all()``.
-    """
-    if not t.is_floating_point():
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def load_adapter(path: Path | str) -> LoraAdapter:
+def load_adapter(path: Path | str, base: TensorIndex | None = None) -> LoraAdapter:
     """Open the PEFT LoRA adapter in local directory ``path`` (headers only).
 
     Args:
         path: A directory with ``adapter_config.json`` and ``adapter_model.safetensors``
             (or ``adapter_model.bin``).
+        base: The base model's index: its weight shapes decide which deltas are transposed
+            (``fan_in_fan_out``, see the module docstring); without it the flag decides.
 
     Returns:
         The adapter.
 
     Raises:
-        InputError: Files are missing or unreadable, or ranks disagree with the tensors.
+        InputError: Files are missing or unreadable, ranks or alphas are not what PEFT reads,
+            ranks disagree with the tensors, factors are not floating point, or the adapter
+            adapts nothing.
         UnsupportedFeatureError: The adapter uses a feature starmerge does not implement.
 
     Example:
@@ -171,6 +180,7 @@ def load_adapter(path: Path | str) -> LoraAdapter:
     path = Path(path)
     config = _read_config(path)
     refuse_config(config, path)
+    check_numbers(config, path)
     weights = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
     if weights is None:
         raise InputError(
@@ -178,7 +188,31 @@ def load_adapter(path: Path | str) -> LoraAdapter:
             "save the adapter with PeftModel.save_pretrained"
         )
     index = TensorIndex.open(weights)
-    return LoraAdapter(path, config, index, _modules(index, config, path))
+    modules = _modules(index, config, path)
+    if not modules:
+        raise InputError(
+            f"adapter {path} adapts nothing: {weights.name} holds no lora_A/lora_B tensors; "
+            "give an adapter saved after training (PeftModel.save_pretrained)"
+        )
+    flag = bool(config.get("fan_in_fan_out", False))
+    transposed = _transposed({k: m.shape for k, m in modules.items()}, base, flag)
+    return LoraAdapter(path, config, index, modules, transposed)
+
+
+def _transposed(
+    shapes: dict[str, tuple[int, int]], base: TensorIndex | None, flag: bool
+) -> frozenset[str]:
+    """The keys whose ``(out, in)`` delta goes to the base transposed, as PEFT decides it."""
+    if base is None:
+        return frozenset(shapes) if flag else frozenset()
+    votes: dict[str, bool] = {}  # non-square modules: the base's layout shows the layer type
+    for key, (out, inp) in shapes.items():
+        stored = tuple(base.shape(key)) if key in base else None
+        if out != inp and stored in ((inp, out), (out, inp)):
+            votes[key] = stored == (inp, out)
+    kinds = set(votes.values())
+    square = kinds.pop() if len(kinds) == 1 else flag
+    return frozenset(k for k in shapes if votes.get(k, square))
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -190,7 +224,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         )
     try:
         config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"cannot read {file} ({e}); re-export the adapter") from None
     if not isinstance(config, dict):
         raise InputError(f"{file} holds {type(config).__name__}, not an object; re-export it")
@@ -224,6 +258,12 @@ def _module(
     a_shape, b_shape = index.shape(ab["A"]), index.shape(ab["B"])
     if len(a_shape) != 2 or len(b_shape) != 2:
         raise refuse(path, f"conv LoRA (module '{module}', lora_A shape {a_shape})")
+    for key in ab.values():
+        if not index.dtype(key).is_floating_point:
+            raise InputError(
+                f"adapter {path}: LoRA factor '{key}' has dtype {index.dtype(key)}, not a "
+                "floating-point type; re-export the adapter in float32, bfloat16 or float16"
+            )
     r = _pattern_value(config, "rank_pattern", module, config.get("r", 8), path)
     alpha = _pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", 8), path)
     if not (a_shape[0] == b_shape[1] == r) or r <= 0:
@@ -231,11 +271,17 @@ def _module(
             f"adapter {path}: module '{module}' has r={r} in {ADAPTER_CONFIG} but lora_A "
             f"{a_shape} and lora_B {b_shape}; fix r/rank_pattern or re-export the adapter"
         )
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    shape = (b_shape[0], a_shape[1])  # (out, in)
-    if config.get("fan_in_fan_out"):
-        shape = (a_shape[1], b_shape[0])  # Conv1D stores (in, out)
-    return _Module(ab["A"], ab["B"], shape, r, float(scale))
+    try:
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    except OverflowError:  # an int alpha beyond a float's range
+        scale = math.inf
+    if not scale <= FLOAT32_MAX:
+        raise InputError(
+            f"adapter {path}: module '{module}' has lora_alpha {short_repr(alpha)} and r {r}, "
+            "a scale that overflows float32; fix lora_alpha (or alpha_pattern) in "
+            f"{ADAPTER_CONFIG}"
+        )
+    return _Module(ab["A"], ab["B"], (b_shape[0], a_shape[1]), r, float(scale))
 
 
 def _pattern_value(

@@ -1,18 +1,24 @@
-"""Which PEFT adapter features the LoRA loader refuses, and the errors that name them.
+"""Which PEFT adapter features and config values the LoRA loader refuses, and their errors.
 
 Only plain LoRA is read as ``scale * B @ A``; every other feature (DoRA, LoRA biases, embedding
 LoRA, ``modules_to_save``, LoRA variants, inits that change the base model) and any unknown tensor
 is refused by name, with the fix, rather than silently dropped. ``starmerge.io.adapter`` calls
-:func:`refuse_config` on the config and :func:`refuse_tensors` on tensors that are not LoRA
-factors.
+:func:`refuse_config` on the config, :func:`check_numbers` on its ranks and alphas, and
+:func:`refuse_tensors` on tensors that are not LoRA factors.
+
+Ranks and alphas are read as PEFT reads them (``r`` a positive int, ``lora_alpha`` a number,
+``rank_pattern``/``alpha_pattern`` mappings of module patterns to those), and stricter where PEFT
+would load an adapter that cannot be meant: an alpha that is not positive and finite (0 makes the
+adapter a no-op, NaN or Inf poison every weight), or ``true``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from starmerge.errors import UnsupportedFeatureError
+from starmerge.errors import InputError, UnsupportedFeatureError, short_repr
 
 _MERGE_FIX = "merge it into the base model (PeftModel.merge_and_unload) and pass it as `model:`"
 # init_lora_weights values whose adapter applies to a modified base model, not the original one
@@ -87,3 +93,44 @@ def refuse_tensors(keys: list[str], path: Path) -> UnsupportedFeatureError:
             return refuse(path, f"{feature} (tensor '{hit}')")
     more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
     return refuse(path, f"tensor '{keys[0]}'{more}, which the LoRA loader does not understand")
+
+
+def check_numbers(config: dict[str, Any], path: Path) -> None:
+    """Raise for the first ``r``, ``lora_alpha`` or pattern value PEFT would not read as meant.
+
+    Raises:
+        InputError: Naming the adapter, the field, the value received and the fix.
+    """
+    _check_value(path, "r", config.get("r", 8), _is_rank)
+    _check_value(path, "lora_alpha", config.get("lora_alpha", 8), _is_alpha)
+    for field, ok in (("rank_pattern", _is_rank), ("alpha_pattern", _is_alpha)):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise InputError(
+                f"adapter {path}: {field} must be a mapping of module patterns to values "
+                f"(or null), got {short_repr(patterns)}; fix adapter_config.json"
+            )
+        for key, value in patterns.items():
+            _check_value(path, f"{field}[{short_repr(key)}]", value, ok)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_alpha(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value) and value > 0
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_value(path: Path, field: str, value: Any, ok: Any) -> None:
+    if ok(value):
+        return
+    want = "a positive integer" if ok is _is_rank else "a positive finite number"
+    raise InputError(
+        f"adapter {path}: {field} must be {want} (as PEFT reads it), got {short_repr(value)}; "
+        "fix adapter_config.json or re-save the adapter with PEFT"
+    )

@@ -14,7 +14,6 @@ zip archive is memory-mapped, but its whole pickle is read at open, so prefer sa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from starmerge.errors import InputError
+from starmerge.io.shard_index import check_weight_map, shard_files
 
 # safetensors dtype tags -> torch dtypes (F8 types only where this torch has them).
 _DTYPES: dict[str, torch.dtype] = {
@@ -107,7 +107,7 @@ class TensorIndex:
                     meta[key] = (tuple(tensor.shape), tensor.dtype, file)
                     loaded[key] = tensor
         if index is not None:
-            _check_weight_map(index, meta)
+            check_weight_map(index, meta)
         return cls(path, files, meta, handles, loaded)
 
     @property
@@ -197,46 +197,13 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; give a directory or a weights file")
     if path.name.endswith(".index.json"):
-        return _shards(path), path
+        return shard_files(path), path
     if path.suffix == ".safetensors" or path.suffix in _PICKLE_SUFFIXES:
         return [path], None
     raise InputError(
         f"cannot read weights file {path} (suffix '{path.suffix}'); give a .safetensors file, "
         "a pytorch .bin file, a *.index.json shard index or a model directory"
     )
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(
-            f"shard index {index} is not a valid index (no readable weight_map: {e}); {_FIX}"
-        ) from None
-    return weight_map
-
-
-def _shards(index: Path) -> list[Path]:
-    shards = [index.parent / name for name in dict.fromkeys(_read_index(index).values())]
-    for shard in shards:
-        if not shard.is_file():
-            raise InputError(
-                f"shard {shard.name} listed in {index} is missing; re-download the checkpoint "
-                "with all its shards"
-            )
-    return shards
-
-
-def _check_weight_map(index: Path, meta: dict[str, _Meta]) -> None:
-    """Every key a shard index lists must be in the shard it names."""
-    for key, shard in _read_index(index).items():
-        if key not in meta or meta[key][2].name != shard:
-            raise InputError(
-                f"tensor '{key}' listed in {index} is not in shard {shard}; the shards do not "
-                f"match their index, {_FIX}"
-            )
 
 
 def _open_safetensors(file: Path) -> Any:

@@ -9,6 +9,7 @@ import torch
 from starmerge.errors import InputError
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.tensors.delta import Dense
+from starmerge.tensors.finite import all_finite
 
 
 class FullFineTune:
@@ -57,11 +58,13 @@ class FullFineTune:
 
         Raises:
             KeyError: ``key`` is not a floating-point parameter of the fine-tune.
+            InputError: Either tensor holds NaN or Inf.
         """
         if key not in self._shapes:
             raise KeyError(f"'{key}' is not a floating-point parameter of model {self.name}")
-        ft = self.ft.get(key).to(torch.float32)
-        return Dense(ft - self.base.get(key).to(torch.float32))
+        ft = _finite(self.ft.get(key), f"model {self.name} ({self.ft.path})", key)
+        base = _finite(self.base.get(key), f"base model {self.base.path}", key)
+        return Dense(ft.to(torch.float32) - base.to(torch.float32))
 
     def __repr__(self) -> str:
         return f"FullFineTune({self.name!r}, {len(self._shapes)} parameters)"
@@ -85,3 +88,13 @@ class FullFineTune:
                 )
             shapes[key] = ft_shape
         return shapes
+
+
+def _finite(tensor: torch.Tensor, what: str, key: str) -> torch.Tensor:
+    """``tensor``, checked finite (one reduction); ``what`` names its checkpoint in the error."""
+    if not all_finite(tensor):
+        raise InputError(
+            f"{what}: tensor '{key}' contains NaN or Inf values; give a checkpoint with finite "
+            "weights (re-export or re-train it)"
+        )
+    return tensor

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from starmerge.errors import InputError, OutputError
+from starmerge.io import staging
 
 MODEL_FILES = (
     "config.json",
@@ -96,20 +96,63 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
         )
 
 
+def check_outside_inputs(out_dir: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output directory that is an input, contains one or lies inside one.
+
+    Paths are compared after resolving symlinks, so a link to an input is caught too.
+
+    Args:
+        out_dir: The output directory (need not exist).
+        inputs: ``(label, path)`` of every input directory and weight file, e.g.
+            ``("adapter models[0]", Path("a"))``.
+
+    Raises:
+        OutputError: Naming the input and how the output directory overlaps it.
+
+    Example:
+        >>> check_outside_inputs(Path("out"), [("adapter models[0]", Path("a"))])
+    """
+    out = _real(out_dir)
+    for label, path in inputs:
+        real = _real(path)
+        if out == real:
+            relation = "is"
+        elif out in real.parents:
+            relation = "contains"
+        elif real in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise OutputError(
+            f"output directory {out_dir} {relation} the input {label} ({real}); choose an "
+            "output directory outside every input"
+        )
+
+
+def _real(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the path as written
+        return Path(path).absolute()
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out_dir`` only if the block succeeds.
 
-    The temporary directory ``.{name}.tmp-<random>`` is created next to ``out_dir`` (same file
-    system, so the final move is a rename). On an exception it is deleted and ``out_dir`` is
-    left as it was; missing parent directories created for it are removed too.
+    The temporary directory (see :mod:`starmerge.io.staging`) is created next to ``out_dir``
+    (same file system, so the final move is a rename), after deleting what killed earlier runs
+    left there. On an exception it is deleted and ``out_dir`` is left as it was; missing parent
+    directories created for it are removed too. An ``out_dir`` that another process filled
+    while the block ran is never replaced without ``overwrite``.
 
     Args:
         out_dir: The output directory.
         overwrite: Replace a non-empty ``out_dir`` (its old content is deleted on success).
 
     Raises:
-        OutputError: As :func:`check_output_dir`, before anything is created.
+        OutputError: As :func:`check_output_dir`, before anything is created; or ``out_dir``
+            appeared (not empty) while the block ran.
 
     Example:
         >>> with atomic_output_dir(Path("out"), overwrite=False) as tmp:  # doctest: +SKIP
@@ -120,18 +163,19 @@ def atomic_output_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
     created = _first_missing(out_dir.parent)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+        staging.clean_stale(out_dir)
+        tmp = staging.make_staging_dir(out_dir)
     except OSError as e:
-        _remove(created)
+        _remove_empty_parents(out_dir.parent, created)
         raise OutputError(
             f"cannot create a directory next to {out_dir} ({e}); choose another directory"
         ) from None
     try:
         yield tmp
-        _move_into_place(tmp, out_dir)
+        _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
-        _remove(tmp)
-        _remove(created)
+        staging.remove_tree(tmp)
+        _remove_empty_parents(out_dir.parent, created)
         raise
 
 
@@ -142,33 +186,58 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    while True:  # mkdir (not mkdtemp) so the directory gets the usual umask permissions
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def _remove(path: Path | None) -> None:
-    if path is not None and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
+def _remove_empty_parents(path: Path, created: Path | None) -> None:
+    """Remove the parents this run created, up to ``created``, while they are empty."""
+    if created is None:
         return
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-    os.rename(out_dir, old)
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (something else wrote there) or already gone
+        if path == created:
+            return
+        path = path.parent
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if overwrite and os.path.lexists(out_dir):
+        _swap(tmp, out_dir)
+        return
     try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        _clear_empty(out_dir)
+        staging.rename_noreplace(tmp, out_dir)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise OutputError(
+                f"output directory {out_dir} appeared while the merge ran and is not empty "
+                "(another merge into it?); it was left as it is: pass --overwrite to replace "
+                "it or choose another directory"
+            ) from None
+        raise OutputError(f"cannot move the output into {out_dir} ({e})") from None
+
+
+def _clear_empty(out_dir: Path) -> None:
+    """Remove an empty ``out_dir`` (or a link to an empty directory) so the rename can land."""
+    if out_dir.is_symlink():
+        if out_dir.is_dir() and not os.listdir(out_dir):
+            out_dir.unlink()
+    elif out_dir.is_dir():
+        out_dir.rmdir()  # ENOTEMPTY when something was written into it meanwhile
+
+
+def _swap(tmp: Path, out_dir: Path) -> None:
+    old = staging.staging_dir(out_dir, "old")
+    try:
+        os.rename(out_dir, old)
+        try:
+            staging.rename_noreplace(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+    except OSError as e:
+        raise OutputError(f"cannot replace {out_dir} ({e}); choose another directory") from None
+    staging.remove_tree(old)
 
 
 @contextmanager

@@ -35,17 +35,19 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from starmerge.io.statistics import StatsFile
 from starmerge.methods.base import Merged, Param, in_range, register_method
-from starmerge.stats.reader import StatsFitter, TaskStatistics, check_statistics
+from starmerge.methods.contract import DataRequest
+from starmerge.methods.statistics import StatsFitter, TaskStatistics, statistics_param
 from starmerge.tensors.delta import Delta, Dense
 
-_STATS_HELP = "one statistics file per task; filled from the config's `data:` section"
+_STATISTICS = statistics_param("precomputed statistics, one file per task (else `data:`)")
 
 
 def shrink(m: Tensor, shrinkage: float) -> Tensor:
@@ -75,15 +77,27 @@ def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
-def _fit_fisher(n_tasks: int, **params: Any) -> StatsFitter:
-    return StatsFitter(
-        n_tasks, "fisher_merging", params.get("statistics"), ["fisher"],
-        fisher_norms=bool(params.get("normalize", True)),
-    )  # fmt: skip
+def _fit_fisher(
+    n_tasks: int, *, statistics: Sequence[StatsFile] | None = None, **params: Any
+) -> StatsFitter:
+    norms = bool(params["normalize"])
+    return StatsFitter(n_tasks, "fisher_merging", statistics, ["fisher"], fisher_norms=norms)
 
 
-def _fit_regmean(n_tasks: int, **params: Any) -> StatsFitter:
-    return StatsFitter(n_tasks, "regmean", params.get("statistics"), ["gram_in"])
+def _fit_regmean(
+    n_tasks: int, *, statistics: Sequence[StatsFile] | None = None, **params: Any
+) -> StatsFitter:
+    return StatsFitter(n_tasks, "regmean", statistics, ["gram_in"])
+
+
+def _data_fisher(params: Mapping[str, Any]) -> DataRequest:
+    """Each task's diagonal Fisher, with the chosen labels."""
+    return DataRequest(("fisher",), params["fisher"])
+
+
+def _data_regmean(params: Mapping[str, Any]) -> DataRequest:
+    """Each task's input Gram matrices."""
+    return DataRequest(("gram_in",))
 
 
 @register_method(
@@ -91,25 +105,25 @@ def _fit_regmean(n_tasks: int, **params: Any) -> StatsFitter:
     params={
         "floor": Param(1e-6, "lower bound on every Fisher entry", _non_negative),
         "normalize": Param(True, "divide each task's Fisher by its global L2 norm"),
+    },
+    accepts=("dense",),
+    fit=_fit_fisher,
+    paper="https://arxiv.org/abs/2111.09832",
+    data_params={
         "fisher": Param(
             "empirical",
             "labels of the Fisher: dataset (empirical) or sampled (true)",
             choices=("empirical", "true"),
         ),
-        "statistics": Param(None, _STATS_HELP, check_statistics),
+        "statistics": _STATISTICS,
     },
-    accepts=("dense",),
-    fit=_fit_fisher,
-    paper="https://arxiv.org/abs/2111.09832",
-    needs_data=True,
+    data=_data_fisher,
 )
 def fisher_merging(
     deltas: Sequence[Delta],
     *,
     floor: float = 1e-6,
     normalize: bool = True,
-    fisher: str = "empirical",
-    statistics: Sequence[str] | None = None,
     state: dict[str, Any] | TaskStatistics | None = None,
 ) -> Merged:
     """Fisher merging: the Fisher-weighted mean of the task deltas, elementwise.
@@ -118,8 +132,6 @@ def fisher_merging(
         deltas: One delta per task for this parameter.
         floor: Every Fisher entry is raised to at least ``floor``.
         normalize: Weight task i by 1 / ||F_i|| (its global Fisher norm, from the fit step).
-        fisher: Which Fisher the statistics hold (used when collecting them).
-        statistics: Per-task statistics files (read through ``state``).
         state: ``{"fisher": [F_i], "fisher_norms": [...]}`` for this parameter.
 
     Returns:
@@ -151,18 +163,17 @@ def fisher_merging(
     "regmean",
     params={
         "shrinkage": Param(0.9, "alpha: scale of the Grams' off-diagonal entries", in_range(0, 1)),
-        "statistics": Param(None, _STATS_HELP, check_statistics),
     },
     accepts=("dense",),
     fit=_fit_regmean,
     paper="https://arxiv.org/abs/2212.09849",
-    needs_data=True,
+    data_params={"statistics": _STATISTICS},
+    data=_data_regmean,
 )
 def regmean(
     deltas: Sequence[Delta],
     *,
     shrinkage: float = 0.9,
-    statistics: Sequence[str] | None = None,
     state: dict[str, Any] | TaskStatistics | None = None,
 ) -> Merged:
     """RegMean: the least-squares merge of Linear layers given their input Gram matrices.
@@ -170,7 +181,6 @@ def regmean(
     Args:
         deltas: One delta per task for this parameter.
         shrinkage: alpha in (0, 1]; 1 keeps the Grams as they are.
-        statistics: Per-task statistics files (read through ``state``).
         state: ``{"gram_in": [G_i]}`` for this parameter (a Linear weight ``(out, in)``).
 
     Returns:

@@ -40,16 +40,18 @@ Deviations from the reference code:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.io.statistics import StatsFile
+from starmerge.methods.base import Merged, Param, in_range, optional, register_method
+from starmerge.methods.contract import DataRequest
 from starmerge.methods.fisher_regmean import stack_taus
-from starmerge.stats.reader import StatsFile, check_statistics, open_statistics
+from starmerge.methods.statistics import require_statistics, statistics_param
 from starmerge.tensors.delta import Delta, Dense
 from starmerge.tensors.sparsify import RadixSelect, keep_count, kth_largest_abs
 
@@ -132,17 +134,19 @@ class LSState:
 class LSFitter:
     """Dataless: radix-select passes for each task's global threshold, then a counting pass.
 
-    Trained: one counting pass over the stored masks.
+    Trained: one counting pass over the stored masks (``statistics``: one opened mask file per
+    task). ``params``: the resolved parameters (``mode``, ``parameter_set``, ``sparsity``).
     """
 
-    def __init__(self, n_tasks: int, **params: Any):
+    def __init__(
+        self, n_tasks: int, *, statistics: Sequence[StatsFile] | None = None, **params: Any
+    ):
         self.mode, self.pset = params.get("mode", "dataless"), params.get("parameter_set", "blocks")
         self.sparsity = resolve_sparsity(self.mode, params.get("sparsity"))
         self.files = None
         if self.mode == "trained":
             need = "mode 'trained' (masks trained on task data)"
-            self.files = tuple(open_statistics("localize_stitch", params.get("statistics"),
-                                               n_tasks, need))  # fmt: skip
+            self.files = require_statistics("localize_stitch", statistics, n_tasks, need)
         self.selects = [RadixSelect() for _ in range(n_tasks)]
         self.phase = "count" if self.files else "high"
         self.thresholds: tuple[float | None, ...] | None = None
@@ -200,22 +204,37 @@ class LSFitter:
         return LSState(self.mode, self.pset, self.thresholds, self.files, self.counts)
 
 
-def _fit(n_tasks: int, **params: Any) -> LSFitter:
-    return LSFitter(n_tasks, **params)
+def _data(params: Mapping[str, Any]) -> DataRequest | None:
+    """Trained masks (mode ``trained``) over P with the training settings; else nothing."""
+    if params["mode"] != "trained":
+        return None
+    names = ("steps", "lr", "l1", "regularizer", "sigmoid_bias", "parameter_set")
+    masks = {k: params[k] for k in names}
+    masks["sparsity"] = resolve_sparsity("trained", params["sparsity"])
+    pset = params["parameter_set"]
+    return DataRequest(
+        masks=masks, covers=lambda key: in_parameter_set(key, pset), reason="mode trained"
+    )
 
 
 @register_method(
     "localize_stitch",
     params={
+        "sparsity": Param(
+            None,
+            "kept fraction per task (null: 0.05 dataless; trained: 0.01 for the initial top-k)",
+            optional(in_range(0, 1)),
+        ),
+    },
+    accepts=("dense",),
+    fit=LSFitter,
+    paper="https://arxiv.org/abs/2408.13656",
+    artifacts={"masks": (lambda shape, n_tasks: (n_tasks, *shape), torch.bool)},
+    data_params={
         "mode": Param(
             "dataless",
             "masks: top-k by magnitude (dataless) or trained on task data",
             choices=("dataless", "trained"),
-        ),
-        "sparsity": Param(
-            None,
-            "kept fraction per task (null: 0.05 dataless; trained: 0.01 for the initial top-k)",
-            lambda v: None if v is None or 0 < v <= 1 else "must be in (0, 1] or null",
         ),
         "parameter_set": Param(
             "blocks",
@@ -235,35 +254,24 @@ def _fit(n_tasks: int, **params: Any) -> LSFitter:
         "lr": Param(1e7, "trained: mask learning rate", in_range(0, float("inf"))),
         "l1": Param(10.0, "trained: L1 strength", in_range(0, float("inf"), lo_open=False)),
         "sigmoid_bias": Param(5.0, "trained: b, initial logits +b / -b", in_range(0, 1e3)),
-        "statistics": Param(
-            None, "trained: one mask file per task; filled from `data:`", check_statistics
-        ),
+        "statistics": statistics_param("trained: precomputed masks, one file per task"),
     },  # fmt: skip
-    accepts=("dense",),
-    fit=_fit,
-    paper="https://arxiv.org/abs/2408.13656",
-    needs_data=True,
-    artifacts={"masks": (lambda shape, n_tasks: (n_tasks, *shape), torch.bool)},
+    data=_data,
 )
 def localize_stitch(
     deltas: Sequence[Delta],
     *,
-    mode: str = "dataless",
     sparsity: float | None = None,
-    parameter_set: str = "blocks",
     state: LSParam | None = None,
-    **training: Any,
 ) -> Merged:
     """Localize-and-Stitch: mask each task, then average the masked deltas where masks overlap.
 
     Args:
         deltas: One delta per task for this parameter.
-        mode: ``dataless`` (thresholds from ``state``) or ``trained`` (masks from ``state``).
-        sparsity: Kept fraction per task (dataless; None: 0.05).
-        parameter_set: ``blocks`` or ``all`` (applied through ``state``).
-        state: This parameter's :class:`LSParam`; without it the parameter is the whole model.
-        **training: ``regularizer``, ``steps``, ``lr``, ``l1``, ``sigmoid_bias``, ``statistics``:
-            used when the masks are trained (the data step), not here.
+        sparsity: Kept fraction per task (dataless, without ``state``; None: 0.05).
+        state: This parameter's :class:`LSParam`: its membership in P (``parameter_set``)
+            and its thresholds (``mode: dataless``) or trained masks (``mode: trained``), from
+            the fit step; without it the parameter is the whole model.
 
     Returns:
         The stitched delta, ``{"kept": [per task], "numel", "overlap"}`` and the masks artifact.

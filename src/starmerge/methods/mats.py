@@ -42,16 +42,18 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from starmerge.errors import ConfigError
-from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.io.statistics import StatsFile
+from starmerge.methods.base import Merged, Param, factor_range, in_range, register_method
+from starmerge.methods.contract import DataRequest
 from starmerge.methods.fisher_regmean import averaged, shrink, stack_taus
-from starmerge.stats.reader import StatsFitter, check_statistics
+from starmerge.methods.statistics import StatsFitter, statistics_param
 from starmerge.tensors.cg import conjugate_gradient
 from starmerge.tensors.delta import Delta, Dense
 
@@ -80,14 +82,22 @@ class _NoStats:
         return None
 
 
-def _fit(n_tasks: int, **params: Any) -> StatsFitter | _NoStats:
-    objective = params.get("objective", "regmean")
+def _fit(
+    n_tasks: int, *, statistics: Sequence[StatsFile] | None = None, **params: Any
+) -> StatsFitter | _NoStats:
+    objective = params["objective"]
     if not OBJECTIVE_KINDS[objective]:
         return _NoStats()
-    return StatsFitter(
-        n_tasks, "mats", params.get("statistics"), OBJECTIVE_KINDS[objective],
-        need=f"objective {objective!r}",
-    )  # fmt: skip
+    need = f"objective {objective!r}"
+    return StatsFitter(n_tasks, "mats", statistics, OBJECTIVE_KINDS[objective], need=need)
+
+
+def _data(params: Mapping[str, Any]) -> DataRequest | None:
+    """The statistics the objective reads (none for ``average``), with the Fisher's labels."""
+    kinds = OBJECTIVE_KINDS[params["objective"]]
+    if not kinds:
+        return None
+    return DataRequest(kinds, params["fisher"], reason=f"objective {params['objective']}")
 
 
 def _operator(
@@ -137,23 +147,23 @@ def _operator(
             "stop when ||b - A x|| <= tolerance * ||b|| (delta space); 0: run to rounding level",
             in_range(0, 1, lo_open=False),
         ),
-        "init_scaling": Param(0.3, "CG init = init_scaling * sum of task deltas (TA merge)"),
+        "init_scaling": Param(0.3, "CG init = init_scaling * sum of task deltas", factor_range()),
         "shrinkage": Param(1.0, "lambda: scale of the Grams' off-diagonal entries", in_range(0, 1)),
+        "precision": Param("float32", "CG arithmetic", choices=("float32", "float64")),
+    },  # fmt: skip
+    accepts=("dense",),
+    fit=_fit,
+    paper="https://arxiv.org/abs/2312.04339",
+    data_params={
         "fisher": Param(
             "empirical",
             "labels of the gradient statistics: dataset (empirical) "
             "or sampled from the model (true)",
             choices=("empirical", "true"),
         ),
-        "precision": Param("float32", "CG arithmetic", choices=("float32", "float64")),
-        "statistics": Param(
-            None, "one statistics file per task; filled from `data:`", check_statistics
-        ),
-    },  # fmt: skip
-    accepts=("dense",),
-    fit=_fit,
-    paper="https://arxiv.org/abs/2312.04339",
-    needs_data=True,
+        "statistics": statistics_param("precomputed statistics, one file per task (else `data:`)"),
+    },
+    data=_data,
 )
 def mats(
     deltas: Sequence[Delta],
@@ -163,9 +173,7 @@ def mats(
     tolerance: float = 1e-5,
     init_scaling: float = 0.3,
     shrinkage: float = 1.0,
-    fisher: str = "empirical",
     precision: str = "float32",
-    statistics: Sequence[str] | None = None,
     state: dict[str, Any] | None = None,
 ) -> Merged:
     """MaTS: conjugate gradient on (sum_t C_t) delta = sum_t C_t tau_t from the TA merge.
@@ -177,9 +185,7 @@ def mats(
         tolerance: Relative residual at which CG stops (0: never early).
         init_scaling: The CG init is ``init_scaling * sum_t tau_t``.
         shrinkage: Off-diagonal scale of the Gram matrices (1: none).
-        fisher: Which labels the statistics used (read when collecting them).
         precision: ``float32`` or ``float64`` arithmetic.
-        statistics: Per-task statistics files (read through ``state``).
         state: ``{kind: [tensor per task]}`` for this parameter (from the fit step).
 
     Returns:

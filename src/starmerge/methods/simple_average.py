@@ -13,12 +13,19 @@ factors, rank sum_t r_t), so no dense T-way sum is built.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from starmerge.methods.base import Merged, register_method
+from starmerge.methods.contract import Separable
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import concat_lowrank
+
+
+def keep_task(delta: Delta) -> tuple[Delta, dict[str, Any]]:
+    """The per-task step: tau_t itself (the merge is the mean of these)."""
+    return delta, {}
 
 
 @register_method(
@@ -26,6 +33,7 @@ from starmerge.tensors.factors import concat_lowrank
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2203.05482",
+    separable=Separable(keep_task, "mean"),
 )
 def simple_average(deltas: Sequence[Delta]) -> Merged:
     """Mean of the task deltas: S / T.

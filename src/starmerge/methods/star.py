@@ -32,19 +32,64 @@ Deviations from the reference code (IBM/STAR ``merger/STAR.py star()`` + ``weigh
 - no randomized ``svd_lowrank`` (the seed code's ``known_rank`` path is unseeded, not
   reproducible, and uses one global rank): results are exact and deterministic;
 - the matrices of all tasks go through one batched QR/SVD, on the inputs' device.
+
+Separable: the merge is the mean over tasks of :func:`star_transform` (truncate and rescale one
+task's matrix, kept as rank-k factors), so sweeps cache it per task and eta.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.methods.contract import Separable
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.spectral import star_dense, star_factored
 
 _SMALL = 1 << 16  # matrices with at most this many entries use a float64 SVD
+
+
+def _dense_compute(delta: Delta) -> torch.dtype:
+    """The SVD's dtype: float64 for small matrices and float64 inputs, else float32."""
+    small = delta.numel() <= _SMALL or delta.dtype == torch.float64
+    return torch.float64 if small else torch.float32
+
+
+def star_transform(delta: Delta, *, eta: float = 40.0) -> tuple[Delta, dict[str, Any]]:
+    """STAR's per-task step: truncate and rescale one task's matrix, kept as rank-k factors.
+
+    The STAR merge is the mean over tasks of this (a non-matrix delta is kept as it is, so
+    its mean is STAR's average).
+
+    Args:
+        delta: One task's delta for one parameter.
+        eta: Percentage of the nuclear norm kept, in (0, 100].
+
+    Returns:
+        ``LowRank`` factors (float32, float64 kept) of the truncated and rescaled matrix, and
+        ``{"kept_ranks": k}``; a non-matrix delta unchanged and ``{}``.
+
+    Example:
+        >>> star_transform(Dense(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0]))), eta=50.0)[1]
+        {'kept_ranks': 2}
+    """
+    if isinstance(delta, LowRank) and delta.rank == 0:
+        return delta, {"kept_ranks": 0}
+    if isinstance(delta, LowRank):
+        scale = torch.tensor([float(delta.scale)], dtype=torch.float64)
+        b_hat, a_hat, k = star_factored(delta.b[None], delta.a[None], scale, eta)
+    elif len(delta.shape) == 2:
+        x = delta.to_dense(_dense_compute(delta))[None]  # (1, m, n)
+        b_hat, a_hat, k = star_dense(x, eta, delta.dtype)
+    else:
+        return delta, {}
+    kept = int(k[0])
+    dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    factors = LowRank(b_hat[0, :, :kept].to(dtype), a_hat[0, :kept].to(dtype), 1.0)
+    return factors, {"kept_ranks": kept}
 
 
 @register_method(
@@ -53,6 +98,7 @@ _SMALL = 1 << 16  # matrices with at most this many entries use a float64 SVD
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2502.10339",
+    separable=Separable(star_transform, "mean"),
 )
 def star(deltas: Sequence[Delta], *, eta: float = 40.0) -> Merged:
     """STAR: truncate each task's spectrum to eta % of its nuclear norm, rescale, average.
@@ -104,9 +150,7 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
 def _star_dense(deltas: Sequence[Delta], eta: float) -> Merged:
     """Dense STAR: one batched thin SVD over the tasks, then a single GEMM for the average."""
     first = deltas[0]
-    small = first.numel() <= _SMALL or first.dtype == torch.float64
-    compute = torch.float64 if small else torch.float32
-    x = torch.stack([d.to_dense(compute) for d in deltas])  # (T, m, n)
+    x = torch.stack([d.to_dense(_dense_compute(first)) for d in deltas])  # (T, m, n)
     b_hat, a_hat, k = star_dense(x, eta, first.dtype)
     kept = [int(v) for v in k]
     b_cat = torch.cat([b_hat[t, :, :kt] for t, kt in enumerate(kept)], dim=1)  # (m, sum k)

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from starmerge.methods.base import Merged, Param, register_method
+from starmerge.methods.base import Merged, Param, factor_range, register_method
 from starmerge.tensors.delta import Delta, Dense
 
 
@@ -50,7 +50,7 @@ def _at_least_one(value: int) -> str | None:
 def _params(alpha: float) -> dict[str, Param]:
     return {
         "mask_lambda": Param(0.4, "lambda: TALL-mask threshold", _nonneg),
-        "alpha": Param(alpha, "scales the summed task vectors"),
+        "alpha": Param(alpha, "scales the summed task vectors", factor_range()),
         "consensus": Param(2, "k: minimum number of agreeing task masks", _at_least_one),
     }
 

@@ -24,19 +24,25 @@ from typing import Any
 import torch
 
 from starmerge.errors import ConfigError
-from starmerge.methods.base import Merged, Param, register_method
+from starmerge.methods.base import MAX_FACTOR, Merged, Param, factor_range, register_method
+from starmerge.methods.contract import Separable
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import concat_lowrank
 
 
 def _check_weights(value: Any) -> str | None:
-    """A ``Param.check``: None or a list of numbers."""
+    """A ``Param.check``: None or a list of numbers in ``[-MAX_FACTOR, MAX_FACTOR]``."""
     if value is None:
         return None
     ok = isinstance(value, (list, tuple)) and all(
         isinstance(w, Real) and not isinstance(w, bool) for w in value
     )
-    return None if ok else "must be a list of numbers, one per model (or unset)"
+    if not ok:
+        return "must be a list of numbers, one per model (or unset)"
+    big = next((i for i, w in enumerate(value) if abs(w) > MAX_FACTOR), None)
+    if big is not None:
+        return f"must hold numbers in [-{MAX_FACTOR:g}, {MAX_FACTOR:g}] (entry {big} is not)"
+    return None
 
 
 def task_weights(weights: Sequence[float] | None, n_tasks: int, method: str) -> list[float]:
@@ -57,10 +63,27 @@ def task_weights(weights: Sequence[float] | None, n_tasks: int, method: str) -> 
     return [float(w) for w in weights]
 
 
+def scale_task(
+    delta: Delta, *, scaling: float = 1.0, weight: float = 1.0
+) -> tuple[Delta, dict[str, Any]]:
+    """The per-task step: scaling * w_t * tau_t (the merge is the sum of these).
+
+    Example:
+        >>> scale_task(Dense(torch.ones(2)), scaling=0.5, weight=3.0)[0].tensor
+        tensor([1.5000, 1.5000])
+    """
+    coef = scaling * float(weight)
+    if isinstance(delta, LowRank):  # exact and factored: the coefficient joins the scale
+        return LowRank(delta.b, delta.a, delta.scale * coef), {}
+    return Dense(delta.to_dense(torch.float32) * coef), {}
+
+
 @register_method(
     "task_arithmetic",
     params={
-        "scaling": Param(1.0, "lambda: multiplies the (weighted) sum of task vectors"),
+        "scaling": Param(
+            1.0, "lambda: multiplies the (weighted) sum of task vectors", factor_range()
+        ),
         "weights": Param(
             None, "per-model weights w_t (default: models[].weight, else 1.0)", check=_check_weights
         ),
@@ -68,6 +91,7 @@ def task_weights(weights: Sequence[float] | None, n_tasks: int, method: str) -> 
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2212.04089",
+    separable=Separable(scale_task, "sum", per_task={"weights": "weight"}),
 )
 def task_arithmetic(
     deltas: Sequence[Delta],

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.methods.base import Merged, Param, factor_range, in_range, register_method
 from starmerge.tensors.delta import Delta, Dense
 from starmerge.tensors.sparsify import (
     RadixSelect,
@@ -167,7 +167,7 @@ def disjoint_mean(taus: Sequence[Tensor], thresholds: Sequence[float | None]) ->
             "top-k scope: global (whole task) or local (per parameter)",
             choices=("global", "local"),
         ),
-        "scaling": Param(1.0, "lambda: scales the merged delta"),
+        "scaling": Param(1.0, "lambda: scales the merged delta", factor_range()),
     },
     accepts=("dense",),
     fit=_fit_ties,

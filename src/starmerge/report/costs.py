@@ -16,8 +16,14 @@ from typing import Any
 
 from starmerge.report.tables import aligned
 
-HEADER = ["Merge", "Data per task", "Statistics (s)", "Statistics peak (MiB)", "Merge (s)",
-          "Normalized"]  # fmt: skip
+HEADER = [
+    "Merge",
+    "Data per task",
+    "Statistics (s)",
+    "Statistics peak (MiB)",
+    "Merge (s)",
+    "Normalized",
+]
 
 
 def _data(used: Mapping[str, Any] | None) -> str:
@@ -42,10 +48,16 @@ def cost_cells(results: Mapping[str, Any]) -> list[list[str]]:
         seconds = entry.get("seconds", stats_s.get(label))  # older files: this run's only
         peak = entry.get("peak_bytes", stats_peak.get(label))
         normalized = row.get("normalized")
-        lines.append([
-            name, _data(entry), "-" if seconds is None else f"{seconds:.1f}",
-            "-" if not peak else f"{peak / 2**20:.0f}", f"{merge_s[name]:.2f}",
-            "-" if normalized is None else f"{normalized:.1f}"])  # fmt: skip
+        lines.append(
+            [
+                name,
+                _data(entry),
+                "-" if seconds is None else f"{seconds:.1f}",
+                "-" if not peak else f"{peak / 2**20:.0f}",
+                f"{merge_s[name]:.2f}",
+                "-" if normalized is None else f"{normalized:.1f}",
+            ]
+        )
     return lines
 
 

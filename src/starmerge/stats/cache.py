@@ -4,7 +4,7 @@ An entry is ``<cache_dir>/<sha256 of the key>/`` with ``index.json`` (``weight_m
 -> part file; ``meta``: what was collected and how it was normalised) and
 ``part-NNNNN.safetensors`` files, one per group the collector streamed. It is written to a
 temporary directory and renamed into place, so a half-written entry is never reused. Read it with
-:class:`starmerge.stats.reader.StatsFile`.
+:class:`starmerge.io.statistics.StatsFile`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from starmerge.stats.reader import INDEX
+from starmerge.io.statistics import INDEX
 
 FORMAT = "starmerge-stats/1"
 

@@ -26,7 +26,6 @@ instead of the square of their sum.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from starmerge.errors import StarmergeError
+from starmerge.stats.frozen import frozen_model
 
 KINDS = ("fisher", "gram_in", "gram_out")
 GRAD_KINDS = frozenset({"fisher", "gram_out"})
@@ -70,9 +70,12 @@ def accumulator_bytes(module: nn.Module, kinds: Iterable[str]) -> tuple[int, int
 
 
 def plan_groups(
-    model: nn.Module, modules: Sequence[str], kinds: Iterable[str], budget: int | None,
+    model: nn.Module,
+    modules: Sequence[str],
+    kinds: Iterable[str],
+    budget: int | None,
     budget_name: str = "memory_budget",
-) -> list[list[str]]:  # fmt: skip
+) -> list[list[str]]:
     """Pack ``modules`` in order into groups whose statistics fit ``budget`` bytes (None: one).
 
     Raises:
@@ -140,8 +143,9 @@ class _Accumulator:
             self.sums[f"{self.name}::gram_in"] += rows.T @ rows
         if self.kinds & GRAD_KINDS and output.requires_grad:
             n_ex = x.shape[0] if x.ndim > 1 else 1
-            output.register_hook(lambda g: self._backward(g, rows.reshape(n_ex, -1, rows.shape[-1]),
-                                                          keep))  # fmt: skip
+            output.register_hook(
+                lambda g: self._backward(g, rows.reshape(n_ex, -1, rows.shape[-1]), keep)
+            )
 
     def _backward(self, grad: Tensor, x: Tensor, keep: Tensor | None) -> None:
         d = self._rows(grad, keep)  # (B * T, out)
@@ -171,44 +175,6 @@ class _Accumulator:
         for t in self.sums.values():
             self.counter.free(t)
         self.sums = {}
-
-
-@contextmanager
-def _collecting(model: nn.Module, needs_grad: bool):
-    """Eval mode, frozen parameters, and gradients flowing from the inputs/embeddings."""
-    training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    handles = []
-    model.eval()
-    for p in flags:
-        p.requires_grad_(False)
-    if needs_grad:
-        handles.append(model.register_forward_pre_hook(_inputs_need_grad, with_kwargs=True))
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                handles.append(m.register_forward_hook(_output_needs_grad))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(training)
-
-
-def _grad_leaf(value: Any) -> Any:
-    if isinstance(value, Tensor) and value.is_floating_point() and torch.is_grad_enabled():
-        return value.detach().requires_grad_()
-    return value
-
-
-def _inputs_need_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return tuple(_grad_leaf(a) for a in args), {k: _grad_leaf(v) for k, v in kwargs.items()}
-
-
-def _output_needs_grad(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    return _grad_leaf(output) if not output.requires_grad else output
 
 
 def collect_statistics(
@@ -256,11 +222,12 @@ def collect_statistics(
     needs_grad = bool(kinds & GRAD_KINDS)
     results: dict[str, Tensor] = {}
     groups = plan_groups(model, modules, kinds, memory_budget, budget_name)
-    with _collecting(model, needs_grad):
+    with frozen_model(model, needs_grad):
         for group in tqdm(groups, desc="statistics", disable=not progress, unit="group"):
             accs = [_Accumulator(n, model.get_submodule(n), kinds, counter) for n in group]
-            handles = [model.get_submodule(a.name).register_forward_hook(a.forward_hook)
-                       for a in accs]  # fmt: skip
+            handles = [
+                model.get_submodule(a.name).register_forward_hook(a.forward_hook) for a in accs
+            ]
             try:
                 n_examples = _run(model, batches, loss_fn, accs, mask_fn, needs_grad)
             finally:

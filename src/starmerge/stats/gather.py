@@ -1,10 +1,11 @@
 """The fit step's data part: collect (or reuse) each task's statistics before the merge.
 
-``prepare(plan)`` is called by the engine for methods with ``needs_data``. For each task model it
-draws ``data.n_examples`` examples from the task's file, runs the base model with that task's
-adapter (or the fine-tuned model) and collects the statistics the method asks for (or trains
-Localize-and-Stitch masks), caching them by a hash of the model files, the examples and the
-settings; then it sets ``plan.params["statistics"]`` to the per-task cache entries.
+``prepare(plan)`` is called by the engine before the fit step. When the method's ``data(params)``
+asks for data, for each task model it draws ``data.n_examples`` examples from the task's file,
+runs the base model with that task's adapter (or the fine-tuned model) and collects the
+statistics the request names (or trains Localize-and-Stitch masks), caching them by a hash of
+the model files, the examples and the settings; it returns the per-task cache entries, which
+the engine hands to the method's fit step (the validated parameters are never rewritten).
 
 :func:`collect_into` and :func:`train_into` are the per-task steps; sweeps and reproductions over
 the seed suites call them too (``starmerge.sweep.data``), with examples from each suite task's
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from starmerge.errors import ConfigError
+from starmerge.methods.contract import STATISTICS, DataRequest
 from starmerge.stats.cache import FORMAT, StatsWriter, cache_key, default_cache_dir, entry_path
-from starmerge.stats.requests import DataRequest, data_request
 
 NORMALISATION = (
     "example loss = mean cross-entropy over its answer tokens; fisher = mean over examples of the "
@@ -34,7 +35,7 @@ NORMALISATION = (
 
 
 def prepare(plan: Any, *, device: str = "cpu", progress: bool = False) -> list[Path] | None:
-    """Fill ``plan.params["statistics"]`` from the config's ``data:`` section (cached).
+    """Each task's statistics entry from the config's ``data:`` section (collected or cached).
 
     Args:
         plan: The merge plan (``starmerge.plan.Plan``).
@@ -42,14 +43,15 @@ def prepare(plan: Any, *, device: str = "cpu", progress: bool = False) -> list[P
         progress: Show progress bars.
 
     Returns:
-        The per-task statistics entries, or None when nothing was needed or they were given.
+        The per-task statistics entries, or None when the method asks for no data with these
+        parameters or the config gives them (``parameters.statistics``).
 
     Raises:
         ConfigError: The method needs data but the config has no ``data:`` section.
         StarmergeError: A task file, its data or the tokenizer is missing.
     """
-    request = data_request(plan.method.name, plan.params)
-    if request is None or plan.params.get("statistics") is not None:
+    request = plan.method.data(plan.params) if plan.method.data is not None else None
+    if request is None or plan.params.get(STATISTICS) is not None:
         return None
     data = plan.config.data
     if data is None or plan.base_path is None:
@@ -89,7 +91,6 @@ def prepare(plan: Any, *, device: str = "cpu", progress: bool = False) -> list[P
                 _train(plan, task, model, batches, request, kind, writer)
         paths.append(writer.final)
         del model  # a fine-tuned model is freed before the next one loads
-    plan.params["statistics"] = [str(p) for p in paths]
     return paths
 
 
@@ -228,20 +229,20 @@ def train_into(
         writer: The cache entry being written (gets ``<key>::mask`` and ``mask_losses``).
         model: The pretrained (base) model, theta_0.
         batches: The task's batches.
-        request: ``request.masks`` holds the training settings and ``parameter_set``.
+        request: ``request.masks`` holds the training settings (and ``parameter_set``, which
+            only keys the cache); ``request.covers`` says which keys are in P.
         kind: The model kind (for the loss).
         shapes: Every merged parameter key -> shape; masks cover those in P.
         tau: The task's delta of a key, or None where the task has none (a zero delta).
     """
-    from starmerge.methods.localize_stitch import in_parameter_set
     from starmerge.stats import hf
     from starmerge.stats.masks import train_masks
 
     settings = dict(request.masks or {})
-    pset = settings.pop("parameter_set", "blocks")
+    settings.pop("parameter_set", None)
     taus = {}
     for key, shape in shapes.items():
-        if in_parameter_set(key, pset):
+        if request.covers is None or request.covers(key):
             delta = tau(key)
             taus[key] = torch.zeros(shape) if delta is None else delta.to_dense(torch.float32)
     result = train_masks(model, taus, batches, hf.make_loss_fn(kind), **settings)

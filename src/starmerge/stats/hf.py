@@ -52,8 +52,11 @@ def load_model(path: str | Path, kind: str, device: str = "cpu") -> nn.Module:
     """The HF model at ``path`` for ``kind``, in eval mode on ``device`` (its stored dtype)."""
     import transformers as tf
 
-    cls = {"causal_lm": tf.AutoModelForCausalLM, "seq2seq": tf.AutoModelForSeq2SeqLM,
-           "classifier": tf.AutoModelForSequenceClassification}[kind]  # fmt: skip
+    cls = {
+        "causal_lm": tf.AutoModelForCausalLM,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,
+        "classifier": tf.AutoModelForSequenceClassification,
+    }[kind]
     return cls.from_pretrained(path, dtype="auto").to(device).eval()
 
 
@@ -99,9 +102,15 @@ def _pad(seqs: Sequence[list[int]], value: int) -> Tensor:
 
 
 def build_batches(
-    tokenizer: Any, kind: str, spec: Any, examples: Sequence[Any], batch_size: int,
-    max_length: int, seed: int = 0, encode: Callable[[str], list[int]] | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
+    tokenizer: Any,
+    kind: str,
+    spec: Any,
+    examples: Sequence[Any],
+    batch_size: int,
+    max_length: int,
+    seed: int = 0,
+    encode: Callable[[str], list[int]] | None = None,
+) -> list[dict[str, Any]]:
     """Tokenize ``examples`` of task ``spec`` into right-padded batches for ``kind``.
 
     ``encode`` turns a prompt into token ids (default: the tokenizer with its special tokens),
@@ -119,8 +128,9 @@ def build_batches(
             ids = [p[:max_length] for p in prompts]
             batch["labels"] = torch.tensor([order.index(str(e.label)) for e in chunk])
         else:
-            answers = [tokenizer(answer_text(spec, e), add_special_tokens=kind == "seq2seq")
-                       ["input_ids"][:max_length] for e in chunk]  # fmt: skip
+            special = kind == "seq2seq"
+            encoded = [tokenizer(answer_text(spec, e), add_special_tokens=special) for e in chunk]
+            answers = [a["input_ids"][:max_length] for a in encoded]
             if kind == "seq2seq":
                 ids = [p[:max_length] for p in prompts]
                 batch["labels"] = _pad(answers, -100)
@@ -148,8 +158,9 @@ def _sampled(logits: Tensor, valid: Tensor, seed: int) -> Tensor:
 
 def _token_mean(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-example cross-entropy averaged over its labelled tokens: ``(B,)``."""
-    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none",
-                         ignore_index=-100)  # (B, T)  # fmt: skip
+    ce = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, reduction="none", ignore_index=-100
+    )  # (B, T)
     count = (labels != -100).sum(dim=1).clamp(min=1)
     return ce.sum(dim=1) / count
 

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from starmerge.stats.collect import LossFn, _collecting
+from starmerge.stats.collect import LossFn
+from starmerge.stats.frozen import frozen_model
 from starmerge.tensors.sparsify import keep_count, kth_largest_abs
 
 
@@ -93,11 +94,12 @@ def train_masks(
     taus = {k: t.to(device=params[k].device, dtype=torch.float32) for k, t in taus.items()}
     logits = initial_logits(taus, sparsity, sigmoid_bias)
     losses: list[float] = []
-    with _collecting(model, needs_grad=False):
+    with frozen_model(model, needs_grad=False):
         try:
             for _ in range(steps):
-                grads, loss = _soft_mask_gradient(model, params, theta0, taus, logits, batches,
-                                                  loss_fn)  # fmt: skip
+                grads, loss = _soft_mask_gradient(
+                    model, params, theta0, taus, logits, batches, loss_fn
+                )
                 losses.append(loss)
                 for k, s in logits.items():
                     sig = torch.sigmoid(s)

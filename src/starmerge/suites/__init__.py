@@ -31,9 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from starmerge.errors import ConfigError, UnknownNameError, did_you_mean
+from starmerge.yaml_io import load_yaml
 
 SUITES_DIR = Path(__file__).parent
 _KEYS = {
@@ -148,7 +147,7 @@ def list_suites() -> dict[str, Path]:
     """Built-in suite names -> their ``suite.yaml``."""
     out = {}
     for path in sorted(SUITES_DIR.glob("*/suite.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path, what="suite file") or {}
         out[str(data.get("name", path.parent.name))] = path
     return out
 
@@ -169,8 +168,12 @@ def _find(ref: str | Path) -> Path:
 
 
 def _local(value: Any, base: Path) -> Any:
-    """A relative local path (``./x``, ``../x``) made absolute against the suite file's dir."""
-    if isinstance(value, str) and value.startswith(("./", "../")):
+    """A relative path made absolute against the suite file's dir (docs/paths.md).
+
+    ``./x`` and ``../x`` always; any other string only when it exists there, so that Hub ids
+    (``org/name``) stay ids.
+    """
+    if isinstance(value, str) and (value.startswith(("./", "../")) or (base / value).exists()):
         return str((base / value).resolve())
     return value
 
@@ -178,7 +181,7 @@ def _local(value: Any, base: Path) -> Any:
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError([f"{path}: include cycle"])
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, what="suite file") or {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: a suite file must be a mapping"])
     base = path.parent
@@ -195,7 +198,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     ref = data.pop("include", None)
     if ref is None:
         return data
-    parent = _read(_find(ref), (*seen, path.resolve()))
+    parent = _read(_find(_local(ref, base)), (*seen, path.resolve()))
     merged_tasks = dict(parent.get("tasks") or {})
     for name, entry in tasks.items():
         merged_tasks[name] = {**(merged_tasks.get(name) or {}), **(entry or {})}

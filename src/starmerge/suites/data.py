@@ -15,6 +15,7 @@ draws it (``util.random_balanced_sample`` / ``random_sample``: Python ``random``
 from __future__ import annotations
 
 import random
+import string
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -233,8 +234,6 @@ def build_examples(
 
 
 def _columns(spec: TaskSpec) -> list[str]:
-    import string
-
     fields = [f for _, f, _, _ in string.Formatter().parse(spec.input_template) if f]
     return [c for c in (*fields, spec.label_column, spec.target_column) if c]
 

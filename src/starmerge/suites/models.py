@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from starmerge.errors import InputError
+from starmerge.eval.backends import CausalLMBackend, Seq2SeqBackend
 from starmerge.io.adapter import load_adapter
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.io.hub import looks_like_hub_id, resolve
@@ -63,14 +64,15 @@ def load_base(suite: Suite, dtype: str, device: str) -> tuple[Any, Any]:
 
 def make_backend(suite: Suite, model: Any, tokenizer: Any, batch_size: int) -> Any:
     """The harness backend for the suite's model class."""
-    from starmerge.eval.backends import CausalLMBackend, Seq2SeqBackend
-
     if suite.model_class == "seq2seq":
         return Seq2SeqBackend(model, tokenizer, batch_size=batch_size)
     return CausalLMBackend(
-        model, tokenizer, batch_size=batch_size, chat_template=suite.chat_template,
+        model,
+        tokenizer,
+        batch_size=batch_size,
+        chat_template=suite.chat_template,
         template_kwargs=dict(suite.template_kwargs),
-    )  # fmt: skip
+    )
 
 
 def _checkpoint_dir(ref: str, what: str) -> Path:
@@ -94,8 +96,9 @@ def task_vector(suite: Suite, task: SuiteTask, full_keys: str = "qv") -> dict[st
         InputError: Unreadable inputs, or a full checkpoint with none of the selected keys.
     """
     if task.adapter:
-        path = resolve(task.adapter, what=f"adapter of task {task.name}",
-                       allow_patterns=_ADAPTER_FILES)  # fmt: skip
+        path = resolve(
+            task.adapter, what=f"adapter of task {task.name}", allow_patterns=_ADAPTER_FILES
+        )
         adapter = load_adapter(path)
         return {key: adapter.get(key) for key in adapter.keys()}
     if full_keys not in FULL_KEYS:

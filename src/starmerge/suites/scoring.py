@@ -97,10 +97,17 @@ def _clipped_spearman(backend: Any, spec: TaskSpec, examples: Sequence[Example])
     preds = [0.0 if x is None else min(hi, max(lo, x)) for x in numbers]
     golds = [float(ex.label) for ex in examples]  # type: ignore[arg-type]
     rows = [
-        {"index": ex.index, "input": ex.input, "gold": g, "pred": p, "output": o,
-         "parsed": x is not None, "abs_error": abs(p - g)}
+        {
+            "index": ex.index,
+            "input": ex.input,
+            "gold": g,
+            "pred": p,
+            "output": o,
+            "parsed": x is not None,
+            "abs_error": abs(p - g),
+        }
         for ex, g, p, o, x in zip(examples, golds, preds, outputs, numbers, strict=True)
-    ]  # fmt: skip
+    ]
     return TaskResult("spearman", spearman(preds, golds), len(examples), rows)
 
 

@@ -101,10 +101,17 @@ def training_examples(
     examples = [_example(tspec, rows[i], rows[i][ROW]) for i in picked]
     src = tspec.source
     notes = {
-        "source": {"path": src.path, "config": src.config, "split": src.split,
-                   "revision": tspec.metadata.get("revision")},
-        "transform": tspec.metadata.get("transform"), "rows_available": len(rows),
-        "held_out": len(held_out), "n_examples": n, "seed": seed,
+        "source": {
+            "path": src.path,
+            "config": src.config,
+            "split": src.split,
+            "revision": tspec.metadata.get("revision"),
+        },
+        "transform": tspec.metadata.get("transform"),
+        "rows_available": len(rows),
+        "held_out": len(held_out),
+        "n_examples": n,
+        "seed": seed,
         "rows": [e.index for e in examples],
-    }  # fmt: skip
+    }
     return tspec, examples, notes

@@ -19,7 +19,20 @@ from starmerge.sweep.run import Outcome, execute, run_sweep, write_results
 from starmerge.sweep.store import ResultsStore
 
 __all__ = [
-    "DataOptions", "Job", "Outcome", "ResultsStore", "RunOptions", "Runtime", "Sweep", "bound_jobs",
-    "execute", "job_key", "load_sweep", "merge_job", "random_subsets", "run_sweep",
-    "sweep_from_dict", "write_results",
-]  # fmt: skip
+    "DataOptions",
+    "Job",
+    "Outcome",
+    "ResultsStore",
+    "RunOptions",
+    "Runtime",
+    "Sweep",
+    "bound_jobs",
+    "execute",
+    "job_key",
+    "load_sweep",
+    "merge_job",
+    "random_subsets",
+    "run_sweep",
+    "sweep_from_dict",
+    "write_results",
+]

@@ -47,10 +47,12 @@ def _add(res: Results, name: str, parts: Mapping[str, Mapping[str, Any]], job: J
             res.add_task(task, r.metric, r.n, version=parts[task].get("version"))
     kwargs = {} if job is None else {"method": job.method, "parameters": dict(job.params)}
     res.add_row(
-        name, {t: r.score for t, r in results.items()},
+        name,
+        {t: r.score for t, r in results.items()},
         predictions={t: r.predictions for t, r in results.items()},
-        correct={t: bootstrap_samples(r) for t, r in results.items()}, **kwargs,
-    )  # fmt: skip
+        correct={t: bootstrap_samples(r) for t, r in results.items()},
+        **kwargs,
+    )
 
 
 def build_results(
@@ -66,12 +68,18 @@ def build_results(
     """
     tasks = ordered_tasks(suite, tasks)
     key = tuple(sorted(tasks))
-    config = {"tasks": tasks, "options": asdict(options.resolved(suite)),
-              "fingerprint": suite.fingerprint(tasks)}  # fmt: skip
+    config = {
+        "tasks": tasks,
+        "options": asdict(options.resolved(suite)),
+        "fingerprint": suite.fingerprint(tasks),
+    }
     res = Results(suite=suite.name, model=suite.base_model, seed=0, config=config)
     for kind in ("base", "individual"):
-        parts = {job.tasks[0]: rec["results"][job.tasks[0]]
-                 for job, rec in pairs if job.kind == kind and job.tasks[0] in tasks}  # fmt: skip
+        parts = {
+            job.tasks[0]: rec["results"][job.tasks[0]]
+            for job, rec in pairs
+            if job.kind == kind and job.tasks[0] in tasks
+        }
         if len(parts) == len(tasks):
             _add(res, kind, {t: parts[t] for t in tasks}, None)
     merges = [(j, r) for j, r in pairs if j.kind == "merge" and j.tasks == key]
@@ -86,8 +94,10 @@ def build_results(
         name = _row_name(job, counts[str(job.method)] > 1)
         _add(res, name, parts, job)
         if job.data is not None:  # the training examples each task's statistics came from
-            data[name] = {"options": dict(job.data),
-                          "tasks": dict(rec.get("merge_stats", {}).get("data", {}))}  # fmt: skip
+            data[name] = {
+                "options": dict(job.data),
+                "tasks": dict(rec.get("merge_stats", {}).get("data", {})),
+            }
     if data:
         res.config["data"] = data
     return res
@@ -114,8 +124,10 @@ def seed_markdown(results: Mapping[str, Any], seed: SeedTable | None = None) -> 
         norm = 100.0 if row["name"] == "individual" else row.get("normalized")
         cells = [row["name"], _pair(norm, ref.get("normalized"))]
         ref_scores = ref.get("scores") or {}
-        cells += [_pair(None if t not in row["scores"] else row["scores"][t] * 100,
-                        ref_scores.get(t)) for t in tasks]  # fmt: skip
+        cells += [
+            _pair(None if t not in row["scores"] else row["scores"][t] * 100, ref_scores.get(t))
+            for t in tasks
+        ]
         ci = row.get("ci")
         cells.append(f"[{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,12 +146,17 @@ def summary_rows(all_results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
             if row.get("method") is None:
                 continue
             scores = row["scores"]
-            out.append({
-                "method": row["method"], "parameters": row.get("parameters", {}),
-                "n_tasks": len(scores), "tasks": sorted(scores),
-                "avg": 100 * sum(scores.values()) / len(scores),
-                "normalized": row.get("normalized"), "ci": row.get("ci"),
-            })  # fmt: skip
+            out.append(
+                {
+                    "method": row["method"],
+                    "parameters": row.get("parameters", {}),
+                    "n_tasks": len(scores),
+                    "tasks": sorted(scores),
+                    "avg": 100 * sum(scores.values()) / len(scores),
+                    "normalized": row.get("normalized"),
+                    "ci": row.get("ci"),
+                }
+            )
     return out
 
 
@@ -149,8 +166,10 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         params = json.dumps(r["parameters"], sort_keys=True)
         groups[(r["method"], params, r["n_tasks"])].append(r["normalized"])
-    lines = ["| method | parameters | tasks | sets | mean normalized | min | max |",
-             "|:---|:---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| method | parameters | tasks | sets | mean normalized | min | max |",
+        "|:---|:---|---:|---:|---:|---:|---:|",
+    ]
     for (method, params, size), values in sorted(groups.items()):
         vals = [v for v in values if v is not None]
         stats = [statistics.mean(vals), min(vals), max(vals)] if vals else [None] * 3

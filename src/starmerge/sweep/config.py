@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from starmerge.errors import ConfigError, StarmergeError, did_you_mean
 from starmerge.suites import Suite, load_suite
 from starmerge.sweep.jobs import DataOptions, Job, RunOptions, bound_jobs, merge_job
+from starmerge.yaml_io import load_yaml
 
 _TOP = ("suite", "methods", "tasks", "search", "bounds", "options", "data")
 _TASKS = ("all", "sets", "sizes", "combinations", "pool", "seed")
@@ -179,9 +178,12 @@ def sweep_from_dict(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Swee
 def load_sweep(path: str | Path) -> Sweep:
     """Read and expand a sweep file (a relative ``suite:`` path starts at the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"sweep file {path} does not exist"])
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, what="sweep file") or {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: a sweep file must be a mapping"])
+        raise ConfigError(
+            [
+                f"{path}: a sweep file must be a mapping (suite:, methods:, ...), got a "
+                f"{type(data).__name__}"
+            ]
+        )
     return sweep_from_dict(data, path.parent)

@@ -1,7 +1,8 @@
 """Data-driven merges in sweeps: each task's statistics (or trained masks), cached on disk.
 
-For a merge job with ``data`` (mats, fisher_merging, regmean, localize_stitch ``mode: trained``),
-each task of the job gets one entry of the statistics cache (``starmerge.stats.cache``), built by
+For a merge job with ``data`` (its method's ``data(params)`` asks for statistics or trained
+masks: mats, fisher_merging, regmean, localize_stitch ``mode: trained``), each task of the job
+gets one entry of the statistics cache (``starmerge.stats.cache``), built by
 the same code as ``starmerge merge``'s ``data:`` section (``starmerge.stats.gather``):
 
 1. ``data.n_examples`` training examples of the task, never its evaluated rows
@@ -28,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from starmerge.methods import METHODS
 from starmerge.suites import Suite
 from starmerge.sweep.jobs import DataOptions, Job, RunOptions, Runtime
 from starmerge.tensors.delta import Delta
@@ -109,9 +111,9 @@ class TaskData:
         Returns:
             The entries, and per task the data it used (``rows`` drawn, source, entry key).
         """
-        from starmerge.stats.requests import data_request
-
-        request = data_request(str(job.method), job.params)
+        method = METHODS.get(str(job.method))
+        assert method.data is not None, "only data jobs get statistics"
+        request = method.data(job.params)
         data = DataOptions(**(job.data or {}))
         shapes = {k: d.shape for t in job.tasks for k, d in vectors[t].items()}
         paths, used = [], {}

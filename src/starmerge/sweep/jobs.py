@@ -161,7 +161,7 @@ def merge_job(
 ) -> Job:
     """A merge job with the method's parameters validated and defaults filled in.
 
-    A method that needs task data with these parameters (``data_request``) gets ``data``
+    A method that needs task data with these parameters (its ``data(params)``) gets ``data``
     (default :class:`DataOptions`); any other job gets none, so its key does not change.
 
     Raises:
@@ -169,7 +169,6 @@ def merge_job(
             from the suite's training data), or fewer than two tasks.
     """
     from starmerge.methods import METHODS
-    from starmerge.stats.requests import data_request
 
     tasks = tuple(sorted(set(tasks)))
     if len(tasks) < 2:
@@ -180,10 +179,10 @@ def merge_job(
                            "in sweeps; remove the statistics parameter"])  # fmt: skip
     resolved = spec.resolve(dict(params))
     for name, value in resolved.items():  # eta: 40 and eta: 40.0 are one job (and one key)
-        if isinstance(spec.params[name].default, float) and type(value) is int:
+        if isinstance(spec.all_params[name].default, float) and type(value) is int:
             resolved[name] = float(value)
     resolved.pop("statistics", None)
-    needs = data_request(method, resolved) is not None
+    needs = spec.data is not None and spec.data(resolved) is not None
     return Job("merge", tasks, method, resolved, asdict(data or DataOptions()) if needs else None)
 
 

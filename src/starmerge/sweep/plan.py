@@ -18,7 +18,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from starmerge.io.adapter import load_adapter
+from starmerge.io.checkpoint import TensorIndex
 from starmerge.suites import Suite
+from starmerge.suites.training import train_spec
 from starmerge.sweep.jobs import Job, RunOptions, Runtime
 
 GiB = 2**30
@@ -34,8 +37,6 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _local_params(path: Path) -> int | None:
-    from starmerge.io.checkpoint import TensorIndex
-
     try:
         idx = TensorIndex.open(path)
     except Exception:  # not a checkpoint we can index: no estimate
@@ -52,8 +53,6 @@ def _local_params(path: Path) -> int | None:
 
 def _adapted_params(suite: Suite, tasks: Sequence[str]) -> int | None:
     """Entries of the weights the task models change (local adapters: from their headers)."""
-    from starmerge.io.adapter import load_adapter
-
     if suite.info.get("adapted_params"):
         return int(suite.info["adapted_params"])
     keys: dict[str, int] = {}
@@ -94,8 +93,12 @@ def estimate(suite: Suite, tasks: Sequence[str], options: RunOptions, runtime: R
             cache += full * 4
             download["full checkpoints"] += 0 if local else info.get("model_gb", 0) * 1e9
         download["datasets"] += 0 if runtime.data_dir else (task.data_mb or 0) * 1e6
-    cpu = {"saved weights": adapted * width, "task vectors": cache, "merged delta": adapted * 4,
-           "weights while loading": (params or 0) * width}  # fmt: skip
+    cpu = {
+        "saved weights": adapted * width,
+        "task vectors": cache,
+        "merged delta": adapted * 4,
+        "weights while loading": (params or 0) * width,
+    }
     return {"device": device, "cpu": cpu, "download": download, "params": params}
 
 
@@ -106,17 +109,19 @@ def _gib(parts: dict[str, float]) -> str:
 
 def _training_lines(suite: Suite, jobs: Sequence[tuple[str, Job]]) -> list[str]:
     """Where the data-driven merges draw each task's training examples (nothing is loaded)."""
-    from starmerge.suites.training import train_spec
-
     data = [job.data for _, job in jobs if job.data is not None]
     if not data:
         return []
-    tasks = sorted({t for _, job in jobs if job.data is not None for t in job.tasks},
-                   key=list(suite.tasks).index)  # fmt: skip
+    tasks = sorted(
+        {t for _, job in jobs if job.data is not None for t in job.tasks},
+        key=list(suite.tasks).index,
+    )
     sizes = sorted({d["n_examples"] for d in data})
     n = "/".join(map(str, sizes))
-    lines = [f"training data of the data-driven merges ({len(tasks)} tasks, {n} examples per "
-             "task, never the evaluated rows):"]  # fmt: skip
+    lines = [
+        f"training data of the data-driven merges ({len(tasks)} tasks, {n} examples per "
+        "task, never the evaluated rows):"
+    ]
     for t in tasks:
         task = suite.task(t)
         if task.train is None:

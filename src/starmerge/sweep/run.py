@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from starmerge.errors import ConfigError
 from starmerge.suites import Suite
+from starmerge.suites.models import DTYPES, FULL_KEYS
 from starmerge.sweep.collate import build_results, summary_markdown, summary_rows
 from starmerge.sweep.config import Sweep
 from starmerge.sweep.executors import EXECUTORS, Keyed, keyed, pending, run_local, run_ray
@@ -81,19 +82,27 @@ def execute(
     if todo and executor == "local":
         run_local(suite, todo, options, runtime, store, workbench=bench, on_done=on_done)
         outcome.model_loads = bench.model_loads
-        outcome.cache = {"task_vectors": bench.vector_loads,
-                         "star_factorizations": bench.star_computations,
-                         "statistics_computed": bench.data.computed,
-                         "statistics_reused": bench.data.reused}  # fmt: skip
+        outcome.cache = {
+            "task_vectors": bench.vector_loads,
+            "task_transforms": bench.transforms,
+            "statistics_computed": bench.data.computed,
+            "statistics_reused": bench.data.reused,
+        }
     elif todo:
-        run_ray(suite, todo, options, runtime, store, address=address,
-                gpus_per_job=gpus_per_job, on_done=on_done)  # fmt: skip
+        run_ray(
+            suite,
+            todo,
+            options,
+            runtime,
+            store,
+            address=address,
+            gpus_per_job=gpus_per_job,
+            on_done=on_done,
+        )
     return outcome
 
 
 def _check_options(options: RunOptions) -> None:
-    from starmerge.suites.models import DTYPES, FULL_KEYS
-
     problems = []
     if options.dtype is not None and options.dtype not in DTYPES:
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
@@ -164,9 +173,17 @@ def run_sweep(
     out_dir = Path(out_dir)
     store = ResultsStore(out_dir)
     outcome = execute(
-        sweep.suite, sweep.jobs, sweep.options, runtime or Runtime(), store, executor=executor,
-        address=address, gpus_per_job=gpus_per_job, dry_run=dry_run, echo=echo,
-    )  # fmt: skip
+        sweep.suite,
+        sweep.jobs,
+        sweep.options,
+        runtime or Runtime(),
+        store,
+        executor=executor,
+        address=address,
+        gpus_per_job=gpus_per_job,
+        dry_run=dry_run,
+        echo=echo,
+    )
     if dry_run:
         return outcome
     methods = list(sweep.source.get("methods") or {})
@@ -183,9 +200,3 @@ def run_sweep(
     echo(summary_markdown(rows))
     echo(f"results: {out_dir / 'results'}; summary: {summary}")
     return outcome
-
-
-def records_by_task(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{job label: {task: score}}`` of records (for comparisons in tests and scripts)."""
-    return {Job.from_dict(r["job"]).label: {t: v["score"] for t, v in r["results"].items()}
-            for r in records}  # fmt: skip

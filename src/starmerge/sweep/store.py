@@ -48,7 +48,7 @@ class ResultsStore:
             return json.loads(path.read_text())
         except FileNotFoundError:
             raise InputError(f"no result for job {key} in {self.dir}") from None
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not UTF-8, or not JSON
             raise InputError(
                 f"{path} is not valid JSON ({err}); delete it to re-run the job"
             ) from None

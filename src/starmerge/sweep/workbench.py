@@ -1,17 +1,20 @@
-"""Run jobs in one process: the base model is loaded once, task vectors and STAR factors cached.
+"""Run jobs in one process: the base model is loaded once, task vectors and task transforms cached.
 
 A :class:`Workbench` holds one loaded base model and its backend. For each job it builds the
 deltas (none for ``base``; the task's own task vector for ``individual``; a merge otherwise),
 adds them to the model's weights in place, evaluates, and restores the weights. Across the jobs
-it runs, it keeps each task's examples, task vector, and STAR factorization per ``eta``: STAR
-truncates and rescales every task on its own, so a STAR merge of any task set is the average of
-cached per-task factors (exact in factor space), and an ``eta`` sweep over many task subsets does
-each task's spectral work once. Data-driven merges get each task's statistics (or trained masks)
-from :class:`~starmerge.sweep.data.TaskData`, cached on disk across jobs, runs and workers.
+it runs, it keeps each task's examples and task vector, and, for a *separable* method (its
+registry entry declares the merge as the mean or sum of a per-task transform: STAR, simple
+averaging, task arithmetic), each task's transform per method and parameters: a merge of any
+task set is then the combination of cached parts (exact in factor space for STAR), so an
+``eta`` sweep over many task subsets does each task's spectral work once. Data-driven merges get
+each task's statistics (or trained masks) from :class:`~starmerge.sweep.data.TaskData`, cached on
+disk across jobs, runs and workers.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -19,45 +22,13 @@ from typing import Any
 
 import torch
 
+from starmerge.api import merge_deltas
+from starmerge.methods import METHODS
+from starmerge.pipeline import Part, combine_tasks, transform_task
 from starmerge.suites import Suite
 from starmerge.sweep.data import TaskData
 from starmerge.sweep.jobs import SCHEMA, Job, RunOptions, Runtime, job_key
-from starmerge.tensors.delta import Delta, LowRank
-from starmerge.tensors.spectral import star_dense, star_factored
-
-_SMALL = 1 << 16  # as methods/star.py: matrices this small get a float64 SVD
-
-
-def star_task(deltas: dict[str, Delta], eta: float) -> tuple[dict[str, Delta], dict[str, int]]:
-    """STAR's truncate-and-rescale on one task's deltas, each kept as rank-k factors.
-
-    The STAR merge of tasks is the simple average of these (STAR's own final step), so they can
-    be cached per task and ``eta`` and reused for every task set. Non-matrix deltas are kept
-    as they are (STAR averages them).
-
-    Returns:
-        The processed deltas (``LowRank`` for matrices) and the kept rank per matrix key.
-    """
-    out: dict[str, Delta] = {}
-    kept: dict[str, int] = {}
-    for key, d in deltas.items():
-        if isinstance(d, LowRank) and d.rank == 0:
-            out[key] = d
-            continue
-        if isinstance(d, LowRank):
-            scale = torch.tensor([float(d.scale)], dtype=torch.float64)
-            b_hat, a_hat, k = star_factored(d.b[None], d.a[None], scale, eta)
-        elif d.tensor.ndim == 2:
-            small = d.numel() <= _SMALL or d.dtype == torch.float64
-            x = d.to_dense(torch.float64 if small else torch.float32)[None]
-            b_hat, a_hat, k = star_dense(x, eta, d.dtype)
-        else:
-            out[key] = d
-            continue
-        kept[key] = int(k[0])
-        dtype = torch.float64 if d.dtype == torch.float64 else torch.float32
-        out[key] = LowRank(b_hat[0, :, : kept[key]].to(dtype), a_hat[0, : kept[key]].to(dtype), 1.0)
-    return out, kept
+from starmerge.tensors.delta import Delta
 
 
 def _slim(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,11 +59,11 @@ class Workbench:
         self.device = resolve_device(runtime.device)
         self.model_loads = 0
         self.vector_loads = 0  # task vectors read (once per task)
-        self.star_computations = 0  # per-task STAR factorizations (once per task and eta)
+        self.transforms = 0  # per-task transforms (once per task, method and parameters)
         self._backend: Any = None
         self._examples: dict[str, tuple[Any, list[Any], dict[str, Any]]] = {}
         self._vectors: dict[str, dict[str, Delta]] = {}
-        self._stars: dict[tuple[str, float], tuple[dict[str, Delta], dict[str, int]]] = {}
+        self._parts: dict[tuple[str, str, str], dict[str, Part]] = {}
         self.data = TaskData(suite, self.options, runtime)
 
     @property
@@ -131,26 +102,33 @@ class Workbench:
             self.vector_loads += 1
         return self._vectors[task]
 
-    def star_factors(self, task: str, eta: float) -> tuple[dict[str, Delta], dict[str, int]]:
-        """STAR's processed deltas of one task at ``eta`` (cached)."""
-        if (task, eta) not in self._stars:
-            self._stars[(task, eta)] = star_task(self.task_vector(task), eta)
-            self.star_computations += 1
-        return self._stars[(task, eta)]
+    def task_part(self, job: Job, index: int) -> dict[str, Part]:
+        """A separable method's transform of task ``job.tasks[index]``.
+
+        Cached per task, method and the task's own parameters (its entry of a per-task list).
+        """
+        method, n_tasks = METHODS.get(job.method or ""), len(job.tasks)
+        assert method.separable is not None
+        kernel = method.kernel_args(job.params)
+        own = method.separable.task_params(method.name, kernel, index, n_tasks)
+        key = (job.tasks[index], method.name, json.dumps(own, sort_keys=True, default=str))
+        if key not in self._parts:
+            vector = self.task_vector(job.tasks[index])
+            self._parts[key] = transform_task(method, job.params, vector, index, n_tasks)
+            self.transforms += 1
+        return self._parts[key]
 
     def deltas(self, job: Job) -> tuple[dict[str, Delta], dict[str, Any]]:
         """The deltas a job applies to the base model, and merge statistics."""
-        from starmerge.api import merge_deltas
-
         if job.kind == "base":
             return {}, {}
         if job.kind == "individual":
             return self.task_vector(job.tasks[0]), {}
-        if job.method == "star":
-            parts = [self.star_factors(t, float(job.params["eta"])) for t in job.tasks]
-            merged = merge_deltas("simple_average", [p for p, _ in parts], device=self.device)
-            ranks = {key: [kept.get(key, 0) for _, kept in parts] for key in merged.deltas}
-            return merged.deltas, {"kept_ranks": ranks}
+        method = METHODS.get(job.method or "")
+        if method.separable is not None and job.data is None:  # cached per-task parts
+            parts = [self.task_part(job, i) for i in range(len(job.tasks))]
+            merged, per_param = combine_tasks(method, job.params, parts)
+            return merged, {"state": {}, "per_parameter": per_param}
         vectors = [self.task_vector(t) for t in job.tasks]
         if job.data is None:
             merged = merge_deltas(job.method or "", vectors, job.params, device=self.device)

@@ -1,0 +1,58 @@
+"""Finiteness checks, one reduction per tensor: cheap enough to run on every input and result.
+
+No NaN or Inf may reach an output (DESIGN.md): the readers check every input tensor they read
+with :func:`all_finite`, and the pipeline checks every merged delta with :func:`delta_finite`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from starmerge.tensors.delta import Delta, Dense
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+_CHUNK = 1 << 22  # entries summed at once: 16 MB of float32 temporaries at most
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (integer and boolean tensors always are).
+
+    A NaN or Inf anywhere makes a sum non-finite, so a finite sum proves its entries finite; the
+    elementwise check runs only where a sum overflowed. The sums run over chunks in the tensor's
+    own dtype: no float64 copy of a whole embedding matrix, and several times faster than
+    ``isfinite(t).all()``.
+
+    Example:
+        >>> all_finite(torch.tensor([1.0, float("nan")]))
+        False
+    """
+    if not t.is_floating_point():
+        return True
+    for chunk in t.reshape(-1).split(_CHUNK):
+        if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
+
+
+def delta_finite(delta: Delta) -> bool:
+    """Whether every entry of ``delta`` is finite in float32, without densifying a low-rank one.
+
+    A ``LowRank`` entry is at most ``|scale| * ||b||_F * ||a||_F`` in size (Cauchy-Schwarz), so
+    finite factors and a bound within float32's range prove ``scale * b @ a`` finite; only when
+    the bound is exceeded is the product formed and checked.
+
+    Example:
+        >>> delta_finite(LowRank(torch.ones(3, 1), torch.ones(1, 2), 1e38))
+        True
+    """
+    if isinstance(delta, Dense):
+        return all_finite(delta.tensor)
+    if not (math.isfinite(delta.scale) and all_finite(delta.b) and all_finite(delta.a)):
+        return False
+    norm_b = float(torch.linalg.vector_norm(delta.b, dtype=torch.float64))
+    norm_a = float(torch.linalg.vector_norm(delta.a, dtype=torch.float64))
+    if abs(delta.scale) * norm_b * norm_a <= FLOAT32_MAX:
+        return True
+    return all_finite(delta.to_dense(torch.float32))
