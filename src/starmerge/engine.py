@@ -13,10 +13,15 @@ from tqdm.auto import tqdm
 
 from starmerge.errors import InputError, short_repr
 from starmerge.io.writer import atomic_output_dir, check_output_dir, check_outside_inputs
-from starmerge.manifest import build_manifest, input_hashes, write_manifest, write_model_card
+from starmerge.manifest import (
+    build_manifest,
+    input_hashes,
+    input_paths,
+    write_manifest,
+    write_model_card,
+)
 from starmerge.memory import PeakMemory
 from starmerge.methods.contract import Merged
-from starmerge.paths import input_paths
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import Plan
 from starmerge.stats.gather import prepare

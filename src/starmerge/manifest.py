@@ -26,6 +26,22 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def input_paths(plan: Plan) -> list[tuple[str, Path]]:
+    """Every input directory and weight file with a label for messages, e.g. ``adapter models[0]``.
+
+    The output directory must avoid all of them (``io.writer.check_outside_inputs``).
+    """
+    out: list[tuple[str, Path]] = []
+    if plan.config_path is not None:
+        out.append(("config file", plan.config_path))
+    if plan.base is not None:
+        out += [("base model", p) for p in (plan.base_path, *plan.base.files)]
+    for i, t in enumerate(plan.tasks):
+        label = f"{'adapter' if t.spec.kind == 'adapter' else 'fine-tuned model'} models[{i}]"
+        out += [(label, p) for p in (t.path, *t.source.files)]
+    return out
+
+
 def input_hashes(plan: Plan) -> dict[str, dict[str, str]]:
     """sha256 of every input's weight files: ``{"base": {...}, "0": {...}, "1": ...}``."""
     from starmerge.io.hashing import hash_files

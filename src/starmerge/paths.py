@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from starmerge.config import RunConfig
 from starmerge.io.hub import local_path
 from starmerge.methods.contract import STATISTICS
-
-if TYPE_CHECKING:  # plan.py imports this module
-    from starmerge.plan import Plan
 
 
 def with_absolute_paths(config: RunConfig, base_dir: Path | None) -> RunConfig:
@@ -57,19 +53,3 @@ def with_absolute_paths(config: RunConfig, base_dir: Path | None) -> RunConfig:
         models=tuple(replace(m, source=local(m.source)) for m in config.models),
         data=data,
     )
-
-
-def input_paths(plan: Plan) -> list[tuple[str, Path]]:
-    """Every input directory and weight file with a label for messages, e.g. ``adapter models[0]``.
-
-    The output directory must avoid all of them (``io.writer.check_outside_inputs``).
-    """
-    out: list[tuple[str, Path]] = []
-    if plan.config_path is not None:
-        out.append(("config file", plan.config_path))
-    if plan.base is not None:
-        out += [("base model", p) for p in (plan.base_path, *plan.base.files)]
-    for i, t in enumerate(plan.tasks):
-        label = f"{'adapter' if t.spec.kind == 'adapter' else 'fine-tuned model'} models[{i}]"
-        out += [(label, p) for p in (t.path, *t.source.files)]
-    return out
