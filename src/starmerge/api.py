@@ -9,9 +9,12 @@ from typing import Any
 
 from torch import Tensor
 
+from starmerge.config import load_config
+from starmerge.engine import run_merge
 from starmerge.errors import ConfigError, InputError
 from starmerge.methods import METHODS, Method
 from starmerge.pipeline import fit_state, merge_params
+from starmerge.plan import make_plan
 from starmerge.tensors.delta import Delta
 from starmerge.tensors.finite import delta_finite
 
@@ -141,10 +144,6 @@ def merge(
     Example:
         >>> manifest = merge("configs/star_two_adapters.yaml", "out/merged")
     """
-    from starmerge.config import load_config
-    from starmerge.engine import run_merge
-    from starmerge.plan import make_plan
-
     cfg = load_config(config, overrides)
     plan = make_plan(cfg, Path(config))  # relative paths start at the config file
     return run_merge(plan, Path(out_dir), overwrite=overwrite, device=device, progress=progress)

@@ -2,6 +2,9 @@
 
 User errors (``StarmergeError``) print one ``error: ...`` line on stderr and exit 2, with no
 traceback unless ``--debug`` is given; the output directory is left as it was.
+
+Each command imports what it runs inside its function: those modules import ``torch`` (and
+``demo``/``eval`` more), which ``starmerge --help`` and every command's ``--help`` never need.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from starmerge.cli_sweep import reproduce, sweep
 from starmerge.errors import StarmergeError
 
 DEBUG_ENV = "STARMERGE_DEBUG"
@@ -151,8 +155,10 @@ def demo(
     """Run the embedded benchmark: train a zoo of LoRAs offline, merge with every method."""
     from starmerge.demo import run as demo_mod
 
-    presets = {"minilm": (demo_mod.DEFAULTS, demo_mod.FAST),
-               "gemma-270m": (demo_mod.DECODER, demo_mod.DECODER_FAST)}  # fmt: skip
+    presets = {
+        "minilm": (demo_mod.DEFAULTS, demo_mod.FAST),
+        "gemma-270m": (demo_mod.DECODER, demo_mod.DECODER_FAST),
+    }
     preset = dict(presets[model][1] if fast else presets[model][0])
     if tasks:
         preset["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -230,15 +236,8 @@ def report(results: tuple[Path, ...], out_dir: Path) -> None:
         click.echo(f"{name}: {path}")
 
 
-def _register_sweep_commands() -> None:
-    from starmerge.cli_sweep import reproduce as reproduce_cmd
-    from starmerge.cli_sweep import sweep as sweep_cmd
-
-    cli.add_command(reproduce_cmd)
-    cli.add_command(sweep_cmd)
-
-
-_register_sweep_commands()
+cli.add_command(reproduce)
+cli.add_command(sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,9 @@
 Both run merge + evaluation jobs over a suite into a results directory that they resume from;
 ``--executor ray`` runs the same jobs as Ray tasks; ``--dry-run`` lists the jobs, the models and
 datasets they need, and the predicted memory and download size, without downloading anything.
+
+The sweep machinery (``torch``, the suites, Ray) is imported inside the functions that run it,
+so that ``starmerge --help`` and these commands' ``--help`` start without it.
 """
 
 from __future__ import annotations
@@ -37,47 +40,91 @@ def _params(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 def _common(fn: Any) -> Any:
     """Options shared by both commands (runtime and executor)."""
     options = [
-        click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-                     help="Results directory (resumed when it exists)."),
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
-                     show_default=True, help="local: one process; ray: one Ray task per job."),
+        click.option(
+            "--out",
+            "out_dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Results directory (resumed when it exists).",
+        ),
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="local: one process; ray: one Ray task per job.",
+        ),
         click.option("--address", default=None, help="Ray cluster address (e.g. auto)."),
-        click.option("--gpus-per-job", type=float, default=None,
-                     help="Ray: GPUs declared per job (default: 1 if the cluster has GPUs)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda or cuda:N: where models run and merges compute."),
-        click.option("--batch-size", type=int, default=None,
-                     help="Evaluation batch size (default: the suite's; scores do not depend "
-                          "on it)."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                     help="Local mirror of the hub datasets: "
-                          "DIR/<hub id>/<config|default>/<split>.jsonl"),
-        click.option("--stats-dir", type=click.Path(path_type=Path), default=None,
-                     help="Statistics cache of the data-driven methods (default: "
-                          "$STARMERGE_CACHE/stats or ~/.cache/starmerge/stats)."),
-        click.option("--stats-memory", default="4GB", show_default=True,
-                     help="Memory the statistics accumulators may take at once (on the device); "
-                          "layers are collected in groups that fit."),
-        click.option("--dry-run", is_flag=True,
-                     help="List jobs, models, datasets, predicted memory and downloads; "
-                          "run nothing."),
+        click.option(
+            "--gpus-per-job",
+            type=float,
+            default=None,
+            help="Ray: GPUs declared per job (default: 1 if the cluster has GPUs).",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto, cpu, cuda or cuda:N: where models run and merges compute.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=None,
+            help="Evaluation batch size (default: the suite's; scores do not depend on it).",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Local mirror of the hub datasets: DIR/<hub id>/<config|default>/<split>.jsonl",
+        ),
+        click.option(
+            "--stats-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Statistics cache of the data-driven methods (default: "
+            "$STARMERGE_CACHE/stats or ~/.cache/starmerge/stats).",
+        ),
+        click.option(
+            "--stats-memory",
+            default="4GB",
+            show_default=True,
+            help="Memory the statistics accumulators may take at once (on the device); "
+            "layers are collected in groups that fit.",
+        ),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="List jobs, models, datasets, predicted memory and downloads; run nothing.",
+        ),
         click.option("--quiet", is_flag=True, help="No per-job progress lines."),
-    ]  # fmt: skip
+    ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _runtime(device: str, batch_size: int | None, data_dir: Path | None, stats_dir: Path | None,
-             stats_memory: str, quiet: bool) -> Any:  # fmt: skip
-    from starmerge.io.writer import parse_size
+def _runtime(
+    device: str,
+    batch_size: int | None,
+    data_dir: Path | None,
+    stats_dir: Path | None,
+    stats_memory: str,
+    quiet: bool,
+) -> Any:
+    from starmerge.io.output_dir import parse_size
     from starmerge.sweep.jobs import Runtime
 
     parse_size(stats_memory)  # a bad size fails here, before any job
-    return Runtime(device=device, batch_size=batch_size,
-                   data_dir=str(data_dir) if data_dir else None, progress=not quiet,
-                   stats_dir=str(stats_dir) if stats_dir else None,
-                   stats_memory=stats_memory)  # fmt: skip
+    return Runtime(
+        device=device,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        progress=not quiet,
+        stats_dir=str(stats_dir) if stats_dir else None,
+        stats_memory=stats_memory,
+    )
 
 
 def _data(values: tuple[str, ...]) -> Any:
@@ -95,10 +142,17 @@ def _data(values: tuple[str, ...]) -> Any:
 
 @click.command()
 @click.argument("suite")
-@click.option("--tasks", multiple=True, help="Task set to merge (comma-separated or repeated); "
-              "default: every seed table's task set.")  # fmt: skip
-@click.option("--methods", multiple=True, help="Methods (comma-separated or repeated); default: "
-              "simple_average, ties, tall_masks, metagpt, star.")  # fmt: skip
+@click.option(
+    "--tasks",
+    multiple=True,
+    help="Task set to merge (comma-separated or repeated); default: every seed table's task set.",
+)
+@click.option(
+    "--methods",
+    multiple=True,
+    help="Methods (comma-separated or repeated); default: "
+    "simple_average, ties, tall_masks, metagpt, star.",
+)
 @click.option("--param", "params", multiple=True, help="A method parameter: star.eta=20.")
 @click.option(
     "--dtype",
@@ -114,15 +168,35 @@ def _data(values: tuple[str, ...]) -> Any:
     help="Full checkpoints: task vector on the q/v weights (seed) or all changed ones.",
 )
 @click.option("--limit", type=int, default=None, help="At most N examples per task (quick runs).")
-@click.option("--data", "data", multiple=True, help="Training data of the data-driven methods: "
-              "n_examples=32, seed=0, batch_size=8, max_length=512.")  # fmt: skip
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    help="Training data of the data-driven methods: "
+    "n_examples=32, seed=0, batch_size=8, max_length=512.",
+)
 @_common
-def reproduce(suite: str, tasks: tuple[str, ...], methods: tuple[str, ...],
-              params: tuple[str, ...], dtype: str | None, full_keys: str, limit: int | None,
-              data: tuple[str, ...], out_dir: Path | None, executor: str, address: str | None,
-              gpus_per_job: float | None, device: str, batch_size: int | None,
-              data_dir: Path | None, stats_dir: Path | None, stats_memory: str,
-              dry_run: bool, quiet: bool) -> None:  # fmt: skip
+def reproduce(
+    suite: str,
+    tasks: tuple[str, ...],
+    methods: tuple[str, ...],
+    params: tuple[str, ...],
+    dtype: str | None,
+    full_keys: str,
+    limit: int | None,
+    data: tuple[str, ...],
+    out_dir: Path | None,
+    executor: str,
+    address: str | None,
+    gpus_per_job: float | None,
+    device: str,
+    batch_size: int | None,
+    data_dir: Path | None,
+    stats_dir: Path | None,
+    stats_memory: str,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
     """Reproduce a STAR paper table: base, individual, and each method.
 
     SUITE: flan-t5-large, llama-3.2-3b-instruct, mistral-7b-instruct, or a suite file.
@@ -133,28 +207,49 @@ def reproduce(suite: str, tasks: tuple[str, ...], methods: tuple[str, ...],
 
     name = Path(suite).stem if suite.endswith((".yaml", ".yml")) else suite
     run(
-        suite, out_dir or Path("results/reproduce") / name, tasks=_split(tasks) or None,
-        methods=_split(methods) or list(DEFAULT_METHODS), params=_params(params),
-        options=RunOptions(dtype=dtype, full_keys=full_keys, limit=limit), data=_data(data),
+        suite,
+        out_dir or Path("results/reproduce") / name,
+        tasks=_split(tasks) or None,
+        methods=_split(methods) or list(DEFAULT_METHODS),
+        params=_params(params),
+        options=RunOptions(dtype=dtype, full_keys=full_keys, limit=limit),
+        data=_data(data),
         runtime=_runtime(device, batch_size, data_dir, stats_dir, stats_memory, quiet),
         executor=executor,
-        address=address, gpus_per_job=gpus_per_job, dry_run=dry_run, echo=click.echo,
-    )  # fmt: skip
+        address=address,
+        gpus_per_job=gpus_per_job,
+        dry_run=dry_run,
+        echo=click.echo,
+    )
 
 
 @click.command()
 @click.argument("sweep_file", type=click.Path(path_type=Path))
 @_common
-def sweep(sweep_file: Path, out_dir: Path | None, executor: str, address: str | None,
-          gpus_per_job: float | None, device: str, batch_size: int | None,
-          data_dir: Path | None, stats_dir: Path | None, stats_memory: str, dry_run: bool,
-          quiet: bool) -> None:  # fmt: skip
+def sweep(
+    sweep_file: Path,
+    out_dir: Path | None,
+    executor: str,
+    address: str | None,
+    gpus_per_job: float | None,
+    device: str,
+    batch_size: int | None,
+    data_dir: Path | None,
+    stats_dir: Path | None,
+    stats_memory: str,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
     """Run SWEEP_FILE: methods x parameters x task subsets, each a merge plus an evaluation."""
     from starmerge.sweep import load_sweep, run_sweep
 
     run_sweep(
-        load_sweep(sweep_file), out_dir or Path("results/sweep") / sweep_file.stem,
-        _runtime(device, batch_size, data_dir, stats_dir, stats_memory, quiet), executor=executor,
+        load_sweep(sweep_file),
+        out_dir or Path("results/sweep") / sweep_file.stem,
+        _runtime(device, batch_size, data_dir, stats_dir, stats_memory, quiet),
+        executor=executor,
         address=address,
-        gpus_per_job=gpus_per_job, dry_run=dry_run, echo=click.echo,
-    )  # fmt: skip
+        gpus_per_job=gpus_per_job,
+        dry_run=dry_run,
+        echo=click.echo,
+    )

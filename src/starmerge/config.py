@@ -7,27 +7,53 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from starmerge.config_data import DataSpec, data_checks, parse_data
-from starmerge.errors import (
-    ConfigError,
-    StarmergeError,
-    UnknownNameError,
-    did_you_mean,
-    short_repr,
-)
+from starmerge.config_data import DataSpec, data_checks, parse_data, size_check
+from starmerge.errors import ConfigError, UnknownNameError, short_repr
+from starmerge.methods import METHODS
 from starmerge.overrides import apply_overrides
+from starmerge.schema import option, parse_section, section_keys
 from starmerge.yaml_io import load_yaml
 
-TOP_KEYS = ("method", "parameters", "base_model", "models", "output", "data")
-MODEL_KEYS = ("adapter", "model", "weight", "name")
-OUTPUT_KEYS = ("format", "dtype", "max_shard_size", "rank")
 DTYPES = ("float32", "bfloat16", "float16")
+_SOURCE = "a path or hub id"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value else f"must be {_SOURCE}"
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else "must be a positive integer or null"
+
+
+@dataclass(frozen=True)
+class _TopKeys:
+    """The top level of a merge config; each section is validated on its own."""
+
+    method: Any = None
+    parameters: Any = None
+    base_model: str | None = option(None, expect=f"{_SOURCE} string")
+    models: Any = None
+    output: Any = None
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class _ModelEntry:
+    """One ``models[i]`` entry as written: exactly one of ``adapter`` and ``model``."""
+
+    adapter: str | None = option(None, check=_nonempty, expect=_SOURCE)
+    model: str | None = option(None, check=_nonempty, expect=_SOURCE)
+    weight: float | None = option(None, fix="give a number such as 1.0")
+    name: str | None = None
+
+
+TOP_KEYS = tuple(section_keys(_TopKeys))
 
 
 @dataclass(frozen=True)
@@ -50,9 +76,9 @@ class OutputSpec:
     """What to write: a merged HF model or a merged PEFT adapter."""
 
     format: Literal["model", "adapter"] = "model"
-    dtype: str | None = None
-    max_shard_size: str = "5GB"
-    rank: int | None = None
+    dtype: str | None = option(None, choices=DTYPES)
+    max_shard_size: str | int = option("5GB", check=size_check, expect="a size such as 5GB")
+    rank: int | None = option(None, check=_positive, expect="a positive integer")
 
 
 @dataclass(frozen=True)
@@ -106,38 +132,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 def parse_config(raw: Any) -> RunConfig:
     """Validate a config mapping (already parsed YAML) into a ``RunConfig``.
 
+    Each section goes through :func:`starmerge.schema.parse_section`; then the checks across
+    sections (base model, adapter output, per-model weights, the method's data).
+
     Raises:
         ConfigError: Listing every problem at once.
     """
     if not isinstance(raw, dict):
         raise ConfigError([f"the config must be a mapping with keys {', '.join(TOP_KEYS)}"])
-    problems = _unknown_keys(raw, TOP_KEYS, "top level")
+    problems: list[str] = []
+    top = parse_section(_TopKeys, raw, "", problems)
+    base = top.base_model if top is not None else None
     method, params = _method(raw, problems)
     models = _models(raw.get("models"), problems)
-    output = _output(raw.get("output") or {}, problems)
-    base = raw.get("base_model")
-    if base is not None and not isinstance(base, str):
-        problems.append(f"base_model must be a path or hub id string, got {short_repr(base)}")
+    output = parse_section(OutputSpec, raw.get("output") or {}, "output", problems)
     data = parse_data(raw.get("data"), len(models), problems)
-    _cross_checks(method, params, models, output, base, problems)
-    data_checks(method, params, data, base, problems)
+    if output is not None:
+        output = replace(output, max_shard_size=str(output.max_shard_size))
+        _cross_checks(method, params, models, output, base, problems)
+    if data is not None or raw.get("data") is None:  # an invalid section is reported already
+        data_checks(method, params, data, base, problems)
     if problems:
         raise ConfigError(problems)
-    return RunConfig(method or "", params, tuple(models), base, output, data)
-
-
-def _unknown_keys(node: Mapping, allowed: Sequence[str], where: str) -> list[str]:
-    return [
-        f"unknown key {short_repr(key)} in {where}.{did_you_mean(str(key), allowed)} "
-        f"Allowed: {', '.join(allowed)}"
-        for key in node
-        if key not in allowed
-    ]
+    return RunConfig(method or "", params, tuple(models), base, output or OutputSpec(), data)
 
 
 def _method(raw: Mapping, problems: list[str]) -> tuple[str | None, dict[str, Any]]:
-    from starmerge.methods import METHODS
-
     name, given = raw.get("method"), raw.get("parameters") or {}
     if not isinstance(given, dict):
         problems.append(f"parameters must be a mapping, got {short_repr(given)}")
@@ -161,83 +181,23 @@ def _method(raw: Mapping, problems: list[str]) -> tuple[str | None, dict[str, An
 
 def _models(raw: Any, problems: list[str]) -> list[ModelSpec]:
     if not isinstance(raw, list) or not raw:
-        problems.append("models must be a non-empty list of {adapter: PATH} or {model: PATH}")
+        problems.append(
+            "models must be a non-empty list of {adapter: PATH} or {model: PATH}, "
+            f"got {short_repr(raw)}"
+        )
         return []
     models = []
-    for i, entry in enumerate(raw):
-        where = f"models[{i}]"
-        if not isinstance(entry, dict):
-            problems.append(
-                f"{where} must be a mapping like {{adapter: PATH}}, got {short_repr(entry)}"
-            )
+    for i, item in enumerate(raw):
+        entry = parse_section(_ModelEntry, item, f"models[{i}]", problems)
+        if entry is None:
             continue
-        problems.extend(_unknown_keys(entry, MODEL_KEYS, where))
-        kinds = [k for k in ("adapter", "model") if k in entry]
+        kinds = [k for k in ("adapter", "model") if getattr(entry, k) is not None]
         if len(kinds) != 1:
-            problems.append(f"{where} needs exactly one of 'adapter' or 'model', got {kinds}")
+            problems.append(f"models[{i}] needs exactly one of 'adapter' or 'model', got {kinds}")
             continue
-        source, weight = entry[kinds[0]], entry.get("weight")
-        if not isinstance(source, str) or not source:
-            problems.append(
-                f"{where}.{kinds[0]} must be a path or hub id, got {short_repr(source)}"
-            )
-            continue
-        weight = _weight(weight, where, problems)
-        models.append(ModelSpec(kinds[0], source, weight, entry.get("name")))
+        source = getattr(entry, kinds[0])
+        models.append(ModelSpec(kinds[0], source, entry.weight, entry.name))
     return models
-
-
-def _weight(weight: Any, where: str, problems: list[str]) -> float | None:
-    """``models[i].weight`` as a finite float, or None (unset, or a problem was recorded)."""
-    if weight is None:
-        return None
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        problems.append(f"{where}.weight must be a number, got {short_repr(weight)}")
-        return None
-    try:
-        value = float(weight)
-    except OverflowError:  # an int beyond a float's range
-        value = math.inf
-    if not math.isfinite(value):
-        problems.append(
-            f"{where}.weight must be a finite number, got {short_repr(weight)}; "
-            "give a number such as 1.0"
-        )
-        return None
-    return value
-
-
-def _output(raw: Any, problems: list[str]) -> OutputSpec:
-    if not isinstance(raw, dict):
-        problems.append(f"output must be a mapping, got {short_repr(raw)}")
-        return OutputSpec()
-    problems.extend(_unknown_keys(raw, OUTPUT_KEYS, "output"))
-    out = OutputSpec(
-        format=raw.get("format", "model"),
-        dtype=raw.get("dtype"),
-        max_shard_size=str(raw.get("max_shard_size", "5GB")),
-        rank=raw.get("rank"),
-    )
-    if out.format not in ("model", "adapter"):
-        problems.append(f"output.format must be model or adapter, got {short_repr(out.format)}")
-    if out.dtype is not None and out.dtype not in DTYPES:
-        hint = did_you_mean(str(out.dtype), DTYPES)
-        problems.append(
-            f"output.dtype must be one of {', '.join(DTYPES)}, got {short_repr(out.dtype)}.{hint}"
-        )
-    if out.rank is not None and (
-        isinstance(out.rank, bool) or not isinstance(out.rank, int) or out.rank < 1
-    ):
-        problems.append(
-            f"output.rank must be a positive integer or null, got {short_repr(out.rank)}"
-        )
-    try:
-        from starmerge.io.writer import parse_size
-
-        parse_size(out.max_shard_size)
-    except StarmergeError as exc:
-        problems.append(f"output.max_shard_size: {exc}")
-    return out
 
 
 def _cross_checks(
@@ -248,8 +208,6 @@ def _cross_checks(
     base: str | None,
     problems: list[str],
 ) -> None:
-    from starmerge.methods import METHODS
-
     has_full = any(m.kind == "model" for m in models)
     if base is None and (output.format == "model" or has_full):
         why = (

@@ -1,21 +1,29 @@
 """The ``data:`` section of a merge config: task data for the data-driven methods.
 
-:func:`parse_data` validates the section into a :class:`DataSpec`; :func:`data_checks` says when
-a method (with its parameters) needs the section and a base model. Both append to the caller's
-list of problems, so ``starmerge.config.parse_config`` still reports every error at once.
+:func:`parse_data` validates the section into a :class:`DataSpec` (through
+:func:`starmerge.schema.parse_section`); :func:`data_checks` says when a method (with its
+parameters) needs the section and a base model. Both append to the caller's list of problems,
+so ``starmerge.config.parse_config`` still reports every error at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from starmerge.errors import StarmergeError, did_you_mean, short_repr
+from starmerge.io.output_dir import parse_size
+from starmerge.methods import METHODS
+from starmerge.schema import count, option, parse_section
 
-DATA_KEYS = (
-    "tasks", "n_examples", "seed", "batch_size", "max_length", "memory_budget", "cache_dir",
-)  # fmt: skip
+
+def size_check(value: str | int) -> None:
+    """A ``schema.option`` check for a byte size (``"5GB"``); raises ``InputError`` when bad."""
+    parse_size(value)
+
+
+def _task_files(tasks: tuple[str, ...]) -> str | None:
+    return None if all(tasks) else "must name a task file in every entry"
 
 
 @dataclass(frozen=True)
@@ -33,13 +41,13 @@ class DataSpec:
         cache_dir: Where statistics are cached (default ``~/.cache/starmerge/stats``).
     """
 
-    tasks: tuple[str, ...]
-    n_examples: int = 64
-    seed: int = 0
-    batch_size: int = 8
-    max_length: int = 512
-    memory_budget: str = "4GB"
-    cache_dir: str | None = None
+    tasks: tuple[str, ...] = option(check=_task_files, expect="a list of task files, one per model")
+    n_examples: int = count(64, 1)
+    seed: int = count(0, 0)
+    batch_size: int = count(8, 1)
+    max_length: int = count(512, 1)
+    memory_budget: str | int = option("4GB", check=size_check, expect="a size such as 4GB")
+    cache_dir: str | None = option(None, expect="a path")
 
 
 def parse_data(raw: Any, n_models: int, problems: list[str]) -> DataSpec | None:
@@ -59,44 +67,14 @@ def parse_data(raw: Any, n_models: int, problems: list[str]) -> DataSpec | None:
     """
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        problems.append(
-            f"data must be a mapping with keys {', '.join(DATA_KEYS)}, got {short_repr(raw)}"
-        )
+    data = parse_section(DataSpec, raw, "data", problems)
+    if data is None:
         return None
-    problems.extend(
-        f"unknown key {short_repr(key)} in data.{did_you_mean(str(key), DATA_KEYS)} "
-        f"Allowed: {', '.join(DATA_KEYS)}"
-        for key in raw
-        if key not in DATA_KEYS
-    )
-    tasks = raw.get("tasks")
-    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+    if len(data.tasks) != n_models:
         problems.append(
-            f"data.tasks must be a list of task files, one per model, got {short_repr(tasks)}"
+            f"data.tasks must name one task file per model ({n_models}), got {len(data.tasks)}"
         )
-        return None
-    if len(tasks) != n_models:
-        problems.append(
-            f"data.tasks must name one task file per model ({n_models}), got {len(tasks)}"
-        )
-    ints = {"n_examples": 64, "seed": 0, "batch_size": 8, "max_length": 512}
-    values = {k: raw.get(k, d) for k, d in ints.items()}
-    for key, value in values.items():
-        low = 0 if key == "seed" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"data.{key} must be an integer >= {low}, got {short_repr(value)}")
-    budget = str(raw.get("memory_budget", "4GB"))
-    try:
-        from starmerge.io.writer import parse_size
-
-        parse_size(budget)
-    except StarmergeError as exc:
-        problems.append(f"data.memory_budget: {exc}")
-    cache = raw.get("cache_dir")
-    if cache is not None and not isinstance(cache, str):
-        problems.append(f"data.cache_dir must be a path, got {short_repr(cache)}")
-    return DataSpec(tuple(tasks), **values, memory_budget=budget, cache_dir=cache)
+    return replace(data, memory_budget=str(data.memory_budget))
 
 
 def data_checks(
@@ -110,8 +88,6 @@ def data_checks(
 
     Precomputed ``parameters.statistics`` replace the section (the plan checks the files).
     """
-    from starmerge.methods import METHODS
-
     if method not in METHODS or params.get("statistics") is not None:
         return
     spec = METHODS.get(method)

@@ -12,7 +12,15 @@ import torch
 from tqdm.auto import tqdm
 
 from starmerge.errors import InputError, short_repr
-from starmerge.io.writer import atomic_output_dir, check_output_dir, check_outside_inputs
+from starmerge.io.adapter_writer import write_adapter
+from starmerge.io.output_dir import (
+    atomic_output_dir,
+    check_output_dir,
+    check_outside_inputs,
+    copy_model_files,
+    parse_size,
+)
+from starmerge.io.shards import StreamingShardWriter, TensorPlan
 from starmerge.manifest import (
     build_manifest,
     input_hashes,
@@ -24,8 +32,9 @@ from starmerge.memory import PeakMemory
 from starmerge.methods.contract import Merged
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import Plan
-from starmerge.stats.gather import prepare
+from starmerge.stats.plan_data import plan_statistics
 from starmerge.tensors.delta import Dense, LowRank
+from starmerge.tensors.factors import truncated_svd
 from starmerge.tensors.finite import all_finite
 
 
@@ -92,7 +101,7 @@ def _run(
         len(plan.tasks),
         plan.shapes,
         plan.read,
-        statistics=prepare(plan, device=device, progress=progress),  # the data step, cached
+        statistics=plan_statistics(plan, device=device, progress=progress),  # the data step, cached
         base=_base_reader(plan),
         device=device,
         progress=progress,
@@ -116,9 +125,6 @@ def _base_reader(plan: Plan) -> Callable[[str], torch.Tensor] | None:
 
 
 def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
-    from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan
-    from starmerge.io.writer import copy_model_files, parse_size
-
     base = plan.base
     keys = list(base.keys())
     dtypes = {k: plan.out_dtype if base.dtype(k).is_floating_point else base.dtype(k) for k in keys}
@@ -186,8 +192,6 @@ def _layout_stats(plan: Plan) -> dict[str, Any]:
 
 
 def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
-    from starmerge.io.adapter_writer import write_adapter
-
     modules: dict[str, LowRank] = {}
     per_param: dict[str, dict] = {}
     energies = []
@@ -258,9 +262,6 @@ def _writer_layout(plan: Plan, modules: dict[str, LowRank]) -> tuple[bool, dict[
 
 def _artifact_writer(plan: Plan, tmp: Path):
     """A writer for the method's per-parameter artifacts (masks), planned from shapes; or None."""
-    from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan
-    from starmerge.io.writer import parse_size
-
     if not plan.method.artifacts:
         return None
     n_tasks = len(plan.tasks)
@@ -293,8 +294,4 @@ def _as_lowrank(key: str, result: Merged, rank: int | None) -> tuple[LowRank, fl
         )
     if rank is None:
         raise InputError(f"the merge of {key} is dense; set output.rank for adapter output")
-    u, s, vh = torch.linalg.svd(delta.tensor.to(torch.float32), full_matrices=False)
-    k = min(rank, s.numel())
-    total = float((s**2).sum())
-    energy = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
-    return LowRank(u[:, :k] * s[:k], vh[:k], 1.0), energy
+    return truncated_svd(delta.tensor, rank)

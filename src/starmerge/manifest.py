@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import platform
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from starmerge.io.writer import write_guard
+from starmerge.io.hashing import hash_files
+from starmerge.io.output_dir import write_guard
 from starmerge.memory import max_rss_bytes
 from starmerge.plan import Plan
 
 
 def versions() -> dict[str, str | None]:
     """Versions of Python and the libraries that shape a result."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("starmerge", "torch", "safetensors", "numpy", "transformers", "peft"):
         try:
@@ -29,7 +29,7 @@ def versions() -> dict[str, str | None]:
 def input_paths(plan: Plan) -> list[tuple[str, Path]]:
     """Every input directory and weight file with a label for messages, e.g. ``adapter models[0]``.
 
-    The output directory must avoid all of them (``io.writer.check_outside_inputs``).
+    The output directory must avoid all of them (``io.output_dir.check_outside_inputs``).
     """
     out: list[tuple[str, Path]] = []
     if plan.config_path is not None:
@@ -44,8 +44,6 @@ def input_paths(plan: Plan) -> list[tuple[str, Path]]:
 
 def input_hashes(plan: Plan) -> dict[str, dict[str, str]]:
     """sha256 of every input's weight files: ``{"base": {...}, "0": {...}, "1": ...}``."""
-    from starmerge.io.hashing import hash_files
-
     out = {str(i): hash_files(t.source.files) for i, t in enumerate(plan.tasks)}
     if plan.base is not None:
         out["base"] = hash_files(plan.base.files)

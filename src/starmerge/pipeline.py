@@ -33,9 +33,8 @@ Reader = Callable[[str], Sequence[Delta | None]]
 BaseReader = Callable[[str], Tensor]  # parameter key -> the base model's tensor
 
 
-def prepare(
+def to_method_form(
     deltas: Sequence[Delta | None],
-    shape: tuple[int, ...],
     accepts: frozenset[str],
     device: torch.device | str = "cpu",
 ) -> list[Delta | None]:
@@ -106,9 +105,9 @@ def fit_state(
     n_pass = 0
     while True:
         n_pass += 1
-        bar = tqdm(shapes.items(), desc=f"fit pass {n_pass}", disable=not progress, unit="param")
-        for key, shape in bar:
-            deltas = prepare(read(key), shape, method.accepts, device)
+        bar = tqdm(shapes, desc=f"fit pass {n_pass}", disable=not progress, unit="param")
+        for key in bar:
+            deltas = to_method_form(read(key), method.accepts, device)
             fitter.observe(key, deltas, **_base_args(method, base, key, device))
         if not fitter.end_pass():
             return fitter.state()
@@ -148,7 +147,7 @@ def merge_params(
     """
     for key in keys if keys is not None else shapes:
         shape = shapes[key]
-        deltas = fill_missing(prepare(read(key), shape, method.accepts, device), shape, device)
+        deltas = fill_missing(to_method_form(read(key), method.accepts, device), shape, device)
         kwargs = {**method.kernel_args(params), **_base_args(method, base, key, device)}
         if state is not None:
             kwargs["state"] = state.at(key)

@@ -9,32 +9,22 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from starmerge.config import ModelSpec, RunConfig
+from starmerge.config import ModelSpec, RunConfig, load_config
 from starmerge.errors import ConfigError, InputError, StarmergeError
+from starmerge.io.adapter import load_adapter
+from starmerge.io.checkpoint import TensorIndex
+from starmerge.io.full import FullFineTune
+from starmerge.io.hub import ADAPTER_PATTERNS, MODEL_PATTERNS, resolve
 from starmerge.io.statistics import StatsFile
+from starmerge.methods import METHODS
 from starmerge.methods.base import Method
 from starmerge.methods.contract import STATISTICS
 from starmerge.paths import with_absolute_paths
 from starmerge.tensors.delta import Delta
-
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
-MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin"]
-
-
-class TaskSource(Protocol):
-    """One task's deltas, read lazily (a LoRA adapter or a full fine-tune minus the base)."""
-
-    files: list[Path]
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Parameter key -> delta shape, from headers."""
-
-    def get(self, key: str) -> Delta:
-        """Read one parameter's delta."""
 
 
 @dataclass
@@ -81,8 +71,6 @@ def make_plan(config: RunConfig, config_path: Path | None = None) -> Plan:
         InputError: Listing every input problem at once (missing paths, bad adapters, shape
             or base-model disagreements).
     """
-    from starmerge.methods import METHODS
-
     base_dir = None if config_path is None else Path(config_path).parent
     config = with_absolute_paths(config, base_dir)
     method = METHODS.get(config.method)
@@ -142,12 +130,9 @@ def _open_base(
 ) -> tuple[Any, Path | None]:
     if config.base_model is None:
         return None, None
-    from starmerge.io.checkpoint import TensorIndex
-    from starmerge.io.hub import resolve
-
     try:
         path = resolve(
-            config.base_model, what="base model", allow_patterns=MODEL_FILES, base_dir=base_dir
+            config.base_model, what="base model", allow_patterns=MODEL_PATTERNS, base_dir=base_dir
         )
         return TensorIndex.open(path), path
     except StarmergeError as exc:
@@ -158,22 +143,15 @@ def _open_base(
 def _open_task(
     spec: ModelSpec, base: Any, problems: list[str], base_dir: Path | None
 ) -> Task | None:
-    from starmerge.io.hub import resolve
-
     try:
         if spec.kind == "adapter":
-            from starmerge.io.adapter import load_adapter
-
             path = resolve(
-                spec.source, what="adapter", allow_patterns=ADAPTER_FILES, base_dir=base_dir
+                spec.source, what="adapter", allow_patterns=ADAPTER_PATTERNS, base_dir=base_dir
             )
             source = load_adapter(path, base)
         else:
-            from starmerge.io.checkpoint import TensorIndex
-            from starmerge.io.full import FullFineTune
-
             what = "fine-tuned model"
-            path = resolve(spec.source, what=what, allow_patterns=MODEL_FILES, base_dir=base_dir)
+            path = resolve(spec.source, what=what, allow_patterns=MODEL_PATTERNS, base_dir=base_dir)
             if base is None:
                 return None  # the missing base is reported by the config check
             source = FullFineTune(base, TensorIndex.open(path), spec.label)
@@ -272,8 +250,6 @@ def check_config_and_inputs(config_path: Path, overrides: list[str]) -> Plan:
 
     Relative input paths (in the file and in ``overrides``) start at the config file's directory.
     """
-    from starmerge.config import load_config
-
     config = load_config(config_path, overrides)
     try:
         return make_plan(config, Path(config_path))

@@ -1,13 +1,16 @@
 """Shared checks run on every registered method (sklearn-style conformance).
 
-A tiny in-test driver does what the pipeline does: resolve parameters, stream every parameter
-through the method's fitter (pass after pass while ``end_pass()`` asks for one), then call the
-method per parameter with its kernel parameters and ``state=state.at(key)``, densifying what the
-method does not accept. A separable method's declared per-task transform, combined, must give
-its kernel's merge.
+Every merge goes through the shipped pipeline (``starmerge.pipeline.fit_state`` and
+``merge_params``, as ``starmerge merge`` and ``starmerge.api.merge_deltas`` run it): parameters
+resolved, every parameter streamed through the method's fitter pass after pass, then the kernel
+called per parameter with its kernel parameters and ``state=state.at(key)``, on the deltas
+brought into the form it accepts (low rank densified to float32 where it takes entries) and a
+zero delta for a task that lacks the parameter. A separable method's declared per-task
+transform, combined, must give its kernel's merge.
 """
 
 import copy
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -16,49 +19,35 @@ import pytest
 import torch
 from tests.unit.data_fixtures import statistics_from_deltas
 
-from starmerge.io.statistics import open_statistics
 from starmerge.methods import METHODS
-from starmerge.pipeline import combine_tasks, transform_task
-from starmerge.tensors.delta import Dense, LowRank, densify, zeros_like_delta
+from starmerge.pipeline import combine_tasks, fit_state, merge_params, transform_task
+from starmerge.tensors.delta import Dense, LowRank
 
 SHAPES = {"q": (8, 4), "v": (4, 6), "bias": (6,)}
 
 
-def prepare(method, deltas):
-    """Densify what the method does not accept (``None`` stays for the fitter)."""
-    if "lowrank" in method.accepts:
-        return list(deltas)
-    return [None if d is None else densify(d, d.dtype) for d in deltas]
-
-
-def drive(name, model, **params):
-    method = METHODS.get(name)
+def drive(name, model, *, device="cpu", method=None, **params):
+    """Merge ``model`` (key -> one delta or None per task) with the pipeline: key -> ``Merged``."""
+    method = method or METHODS.get(name)
     if method.data is not None and "statistics" not in params:  # stand-ins from the deltas
         params["statistics"] = statistics_from_deltas(Path(tempfile.mkdtemp()), model)
     resolved = method.resolve(params)
     n_tasks = len(next(iter(model.values())))
-    state = None
-    if method.fit is not None:
-        files = resolved.get("statistics")
-        fitter = method.fitter(n_tasks, resolved, files and open_statistics(files))
-        for _ in range(10):
-            for key, deltas in model.items():
-                fitter.observe(key, prepare(method, deltas))
-            if not fitter.end_pass():
-                break
-        state = fitter.state()
+    shapes = {k: next(d for d in ds if d is not None).shape for k, ds in model.items()}
+    state = fit_state(method, resolved, n_tasks, shapes, model.__getitem__, device=device)
+    if state is not None:
         json.dumps(state.summary())
-    out = {}
-    for key, deltas in model.items():
-        first = next(d for d in deltas if d is not None)
-        lowrank = isinstance(first, LowRank)
-        filled = [
-            zeros_like_delta(first.shape, lowrank, first.dtype) if d is None else d for d in deltas
-        ]
-        extra = {} if state is None else {"state": state.at(key)}
-        out[key] = method.fn(prepare(method, filled), **extra, **method.kernel_args(resolved))
-        json.dumps(dict(out[key].stats))
+    out = dict(merge_params(method, resolved, state, shapes, model.__getitem__, device=device))
+    for merged in out.values():
+        json.dumps(dict(merged.stats))
     return out
+
+
+def received_dtype(method, deltas):
+    """The dtype the kernel gets: the inputs', or float32 where low rank had to be densified."""
+    first = next(d for d in deltas if d is not None)
+    densified = isinstance(first, LowRank) and "lowrank" not in method.accepts
+    return torch.float32 if densified else first.dtype
 
 
 def make_model(seed, lowrank, dtype=torch.float32, n_tasks=3, zero=False):
@@ -98,9 +87,10 @@ def test_zero_in_zero_out(name, lowrank):
 @pytest.mark.parametrize("lowrank", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtype_and_shape_kept_and_finite(name, lowrank, dtype):
-    out = drive(name, make_model(1, lowrank, dtype))
+    model = make_model(1, lowrank, dtype)
+    out = drive(name, model)
     for key, merged in out.items():
-        assert merged.delta.dtype == dtype, key
+        assert merged.delta.dtype == received_dtype(METHODS.get(name), model[key]), key
         assert merged.delta.shape == SHAPES[key], key
         assert torch.isfinite(dense(merged.delta)).all(), key
 
@@ -161,14 +151,27 @@ def test_lowrank_output_methods_return_lowrank(name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("lowrank", [False, True])
-def test_cuda_inputs_give_cuda_outputs_equal_to_cpu(name, lowrank):
+def test_cuda_merge_computes_on_cuda_and_equals_cpu(name, lowrank):
     model = make_model(6, lowrank)
     on_gpu = {k: [_to(d, "cuda") for d in ds] for k, ds in model.items()}
-    cpu, gpu = drive(name, model), drive(name, on_gpu)
+    method, devices = METHODS.get(name), []
+
+    def spy(deltas, **kwargs):  # the kernel's own result, before the pipeline moves it to CPU
+        merged = method.fn(deltas, **kwargs)
+        devices.append(_device(merged.delta))
+        return merged
+
+    cpu = drive(name, model)
+    gpu = drive(name, on_gpu, device="cuda", method=dataclasses.replace(method, fn=spy))
+    assert devices and all(d.type == "cuda" for d in devices)
     for key in model:
-        got = dense(gpu[key].delta)
-        assert got.device.type == "cuda"
-        torch.testing.assert_close(got.cpu(), dense(cpu[key].delta), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            dense(gpu[key].delta), dense(cpu[key].delta), rtol=1e-4, atol=1e-5
+        )
+
+
+def _device(delta):
+    return delta.b.device if isinstance(delta, LowRank) else delta.tensor.device
 
 
 def _to(delta, device):

@@ -9,6 +9,7 @@ from ``random.Random(f"{seed}:{index}")``, so a case is rebuilt exactly from its
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from tests.integration.fuzz_files import (
     brief,
     mutate_adapter_config,
     mutate_safetensors,
+    mutate_yaml,
 )
 
 ADAPTERS = ("plain", "rslora", "patterns")
@@ -55,11 +57,11 @@ class Case:
     """One fuzz case: the CLI arguments, the paths to check, and what was done to the inputs."""
 
     argv: list[str]
-    inputs: Path  # every input lives under here; none may change
+    inputs: Path  # the copies of the pristine inputs
     out: Path
+    canary: Path  # a file that exists only if a YAML tag ran code
     protected: list[Path] = field(default_factory=list)  # what the config reads
     log: list[str] = field(default_factory=list)
-    canary: Path | None = None  # a file that exists only if a YAML tag ran code
 
 
 def build_pristine(root: Path, base: Path, adapters: list[Path]) -> Path:
@@ -74,7 +76,25 @@ def build_pristine(root: Path, base: Path, adapters: list[Path]) -> Path:
         if key.endswith(("q_proj.weight", "v_proj.weight", "up_proj.weight")):
             tensors[key] = value + 0.05 * torch.randn(value.shape, generator=gen)
     save_file(tensors, root / "ft" / "model.safetensors", metadata={"format": "pt"})
+    _shard(root / "base", root / "sharded")
     return root
+
+
+def _shard(model: Path, out: Path) -> None:
+    """The model at ``model`` saved as two safetensors shards with an index."""
+    out.mkdir()
+    shutil.copy(model / "config.json", out)
+    tensors = load_file(model / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": 4 * sum(t.numel() for t in tensors.values())}}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({**index, "weight_map": weight_map})
+    )
 
 
 def valid_config(rng: random.Random, inputs: Path) -> dict:
@@ -99,7 +119,7 @@ def valid_config(rng: random.Random, inputs: Path) -> dict:
     return {
         "method": method,
         "parameters": params,
-        "base_model": str(inputs / "base"),
+        "base_model": str(inputs / rng.choice(["base", "base", "sharded"])),
         "models": models,
         "output": output,
     }
@@ -111,7 +131,7 @@ def make_case(seed: int, index: int, case_dir: Path, pristine: Path, mutations: 
     inputs = case_dir / "in"
     shutil.copytree(pristine, inputs, symlinks=True)
     config = valid_config(rng, inputs)
-    case = Case([], inputs, case_dir / "out")
+    case = Case([], inputs, case_dir / "out", case_dir / "PWNED")
     cfg_path = inputs / "c.yaml"
     broken_text = out_trick = False
     overrides: list[str] = []
@@ -139,7 +159,8 @@ def make_case(seed: int, index: int, case_dir: Path, pristine: Path, mutations: 
         flags += extra
     text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     if broken_text:  # after the value mutations, which edit the config before it is written
-        text = mutate_text(rng, text, case)
+        text, what = mutate_yaml(rng, text, case.canary)
+        case.log.append(what)
     cfg_path.write_bytes(text if isinstance(text, bytes) else text.encode())
     flags += ["--dry-run"] if rng.random() < 0.05 else []
     command = "validate" if rng.random() < 0.08 else "merge"
@@ -178,11 +199,14 @@ def _used(config: dict, inputs: Path, kind: str) -> list[str]:
 
 def _weights_file(rng: random.Random, inputs: Path, config: dict) -> Path:
     """A weights file the config reads: an adapter's, the full fine-tune's or the base's."""
-    name = rng.choice(
-        _used(config, inputs, "adapter") * 2 + _used(config, inputs, "model") + ["base"]
-    )
-    file = "model.safetensors" if name in ("base", "ft") else "adapter_model.safetensors"
-    return inputs / name / file
+    base = Path(str(config.get("base_model"))).name
+    names = _used(config, inputs, "adapter") * 2 + _used(config, inputs, "model") + [base]
+    name = rng.choice([n for n in names if (inputs / n).is_dir()] or ["base"])
+    if name in ("base", "ft"):
+        return inputs / name / "model.safetensors"
+    if name == "sharded":
+        return rng.choice(sorted((inputs / name).glob("model*")))
+    return inputs / name / "adapter_model.safetensors"
 
 
 def mutate_value(rng: random.Random, config: dict, inputs: Path) -> str:
@@ -190,19 +214,8 @@ def mutate_value(rng: random.Random, config: dict, inputs: Path) -> str:
     path, parent, key = _pick(rng, config)
     op = rng.choice("delete hostile hostile number unknown wrap path method".split())
     if op == "method":
-        config["method"] = rng.choice(
-            [
-                "tie",
-                "",
-                "STAR",
-                "ştar",
-                "fisher_merging",
-                "mats",
-                "localize_stitch",
-                "regmean",
-                *METHODS,
-            ]
-        )
+        names = "tie STAR ştar fisher_merging mats localize_stitch regmean".split()
+        config["method"] = rng.choice([*names, "", *METHODS])
         return f"method -> {config['method']!r}"
     if op == "delete":
         del parent[key]
@@ -241,71 +254,14 @@ def _pick(rng: random.Random, config: dict) -> tuple[str, dict | list, object]:
 
 
 def _odd_paths(inputs: Path) -> list[str]:
-    return [
-        str(inputs / "nope"),
-        str(inputs / "plain" / "adapter_model.safetensors"),
-        "plain",
-        "./base",
-        "~/nope",
-        "/",
-        "/dev/null",
-        str(inputs / "c.yaml"),
-        "someone/not-here",
-        str(inputs),
-        str(inputs / "base"),
-        str(inputs / "ft"),
-        str(inputs / "plain"),
-        str(inputs / "plain") + "/",
-        "",
-        " ",
-    ]
-
-
-def mutate_text(rng: random.Random, text: str, case: Case) -> str | bytes:
-    """Break the YAML text: duplicate keys, bad bytes, tags, tabs, deep nesting, small bombs."""
-    op = rng.choice("duplicate latin-1 truncate flip tag tab deep bomb bom document".split())
-    case.log.append(f"YAML text: {op}")
-    if op == "duplicate":
-        return text + rng.choice(["method: ties\n", "output: {format: model}\n", "models: []\n"])
-    if op == "latin-1":
-        return ("# modèle\n" + text).encode("latin-1", errors="replace")
-    if op == "truncate":
-        return text[: rng.randrange(len(text))]
-    if op == "flip":
-        raw = bytearray(text.encode())
-        for _ in range(rng.randint(1, 3)):
-            raw[rng.randrange(len(raw))] = rng.randrange(256)
-        return bytes(raw)
-    if op == "tag":
-        case.canary = case.inputs.parent / "PWNED"
-        bad = f"!!python/object/apply:os.system ['touch {case.canary}']"
-        return text.replace("method: ", f"method: {bad}\n_was: ", 1)
-    if op == "tab":
-        return text.replace("  ", "\t", 1)
-    if op == "deep":
-        depth = rng.choice([200, 3000])
-        return text + "deep: " + "[" * depth + "1" + "]" * depth + "\n"
-    if op == "bomb":  # small enough to expand in-process; the big one runs in a subprocess
-        return alias_bomb(text, levels=rng.randint(2, 4), key=rng.choice(["parameters", "models"]))
-    if op == "bom":
-        return "\ufeff" + text
-    return text + "---\nmethod: star\n"
-
-
-def alias_bomb(text: str, levels: int, key: str) -> str:
-    """``text`` with ``key`` replaced by a billion-laughs alias chain of ``levels`` levels."""
-    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    for i in range(1, levels + 1):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
-    kept = yaml.safe_load(text) if isinstance(text, str) else {}
-    kept = {k: v for k, v in (kept or {}).items() if k != key}
-    body = yaml.safe_dump(kept, sort_keys=False)
-    return "\n".join(lines) + f"\n{body}{key}: *a{levels}\n"
+    near = ["nope", "c.yaml", "base", "ft", "plain", "plain/adapter_model.safetensors", "sharded"]
+    odd = "plain ./base ~/nope / /dev/null someone/not-here".split()
+    return [*(str(inputs / n) for n in near), str(inputs), str(inputs / "plain") + "/", *odd, " "]
 
 
 def mutate_out(rng: random.Random, case_dir: Path, protected: list[Path], log: list[str]):
     """An output directory that is an input, holds one, lies inside one, or is otherwise odd."""
-    op = rng.choice("input input holder inside symlink nonempty file long empty".split())
+    op = rng.choice("input input holder inside symlink nonempty file long toolong empty".split())
     overwrite = ["--overwrite"] if rng.random() < 0.7 else []
     target = rng.choice(protected)
     what = f"{op} {target.name}" if op in ("input", "inside", "symlink") else op
@@ -319,7 +275,7 @@ def mutate_out(rng: random.Random, case_dir: Path, protected: list[Path], log: l
     if op == "symlink":
         (case_dir / "link").symlink_to(target)
         return case_dir / "link", overwrite
-    out = case_dir / ("o" * 250 if op == "long" else "out")
+    out = case_dir / {"long": "o" * 250, "toolong": "o" * 300}.get(op, "out")
     if op in ("nonempty", "empty"):
         out.mkdir()
         if op == "nonempty":

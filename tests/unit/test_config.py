@@ -35,11 +35,11 @@ def test_every_problem_listed_once():
         parse_config(raw)
     text = "\n".join(info.value.problems)
     for needle in [
-        "outptu",
+        "unknown key outptu. Did you mean: output?",
         "eta must be in (0, 100], got 0",
         "'etaa'",
         "models[0] needs exactly",
-        "'adaptr'",
+        "unknown key models[1].adaptr. Did you mean: adapter?",
         "output.format",
         "output.dtype",
     ]:

@@ -14,16 +14,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
 
-from starmerge.errors import StarmergeError  # noqa: E402
 from starmerge.demo.assets import TaskData  # noqa: E402
-from starmerge.eval.backends import CausalLMBackend  # noqa: E402
+from starmerge.demo.decoder import answer_batch, answer_loss, encode_items  # noqa: E402
 from starmerge.demo.decoder_tasks import (  # noqa: E402
     Prompter,
     check_first_tokens,
     first_line,
     load_trivia,
 )
-from starmerge.demo.decoder import answer_batch, answer_loss, encode_items  # noqa: E402
+from starmerge.errors import StarmergeError  # noqa: E402
+from starmerge.eval.backends import CausalLMBackend  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
@@ -180,10 +180,10 @@ def test_decoder_tier_end_to_end_on_a_tiny_gemma(tmp_path, monkeypatch):
 
 
 def test_tiers_are_found_by_model_name():
-    from starmerge.errors import UnknownNameError
     from starmerge.demo import decoder as demo_decoder
     from starmerge.demo import encoder as demo_encoder
     from starmerge.demo.train import tier_module
+    from starmerge.errors import UnknownNameError
 
     assert tier_module("gemma-270m") is demo_decoder and tier_module("minilm") is demo_encoder
     with pytest.raises(UnknownNameError, match="'gema-270m'.*gemma-270m"):

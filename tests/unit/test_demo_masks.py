@@ -7,14 +7,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from starmerge.errors import StarmergeError  # noqa: E402
 from starmerge.demo.assets import TaskData  # noqa: E402
-from starmerge.demo.statistics import entry_meta  # noqa: E402
 from starmerge.demo.encoder import EncoderStatistics, pooled  # noqa: E402
 from starmerge.demo.env import cpu_threads  # noqa: E402
-from starmerge.demo.masks import MASKS_VERSION, mask_key, task_taus, top_k  # noqa: E402
+from starmerge.demo.statistics import entry_meta  # noqa: E402
 from starmerge.demo.train import TaskAdapter  # noqa: E402
+from starmerge.errors import StarmergeError  # noqa: E402
 from starmerge.methods import METHODS  # noqa: E402
+from starmerge.stats.cache import cache_key  # noqa: E402
+from starmerge.stats.masks_entry import top_k  # noqa: E402
+from starmerge.stats.source import entry_fields  # noqa: E402
 from starmerge.tensors.delta import Dense  # noqa: E402
 
 TRAINED = METHODS.get("localize_stitch").resolve({"mode": "trained"})
@@ -26,15 +28,20 @@ class WordIds:
     vocab = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree")
 
     def __call__(self, texts, truncation=True, max_length=8):
-        return {"input_ids": [[self.vocab.index(w) + 1 for w in t.split()][:max_length]
-                              for t in texts]}  # fmt: skip
+        ids = [[self.vocab.index(w) + 1 for w in t.split()][:max_length] for t in texts]
+        return {"input_ids": ids}
 
 
 def _encoder() -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+        vocab_size=10,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     return transformers.BertModel(config).eval()
 
 
@@ -61,8 +68,8 @@ def _adapter(encoder, task, tmp_path) -> TaskAdapter:
     ids = WordIds()(list(task.texts))["input_ids"]
     input_ids, mask = torch.tensor(ids), torch.ones(len(ids), 3, dtype=torch.long)
     for _ in range(30):
-        loss = torch.nn.functional.cross_entropy(head(pooled(encoder, input_ids, mask)),
-                                                 torch.tensor(task.labels))  # fmt: skip
+        logits = head(pooled(encoder, input_ids, mask))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(task.labels))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -80,13 +87,22 @@ def setting(tmp_path):
     with cpu_threads():
         encoder, task = _encoder(), _task()
         adapter = _adapter(encoder, task, tmp_path)
-        yield EncoderStatistics(encoder, WordIds(), {"toy": adapter}, {"toy": task}, tmp_path, n=32,
-                             seed=0, max_length=8, model="tiny"), adapter  # fmt: skip
+        stats = EncoderStatistics(
+            encoder,
+            WordIds(),
+            {"toy": adapter},
+            {"toy": task},
+            tmp_path,
+            n=32,
+            seed=0,
+            max_length=8,
+        )
+        yield stats, adapter
 
 
 def test_trained_masks_lower_the_training_loss_and_are_cached(setting):
     stats, adapter = setting
-    settings = {**stats.request("localize_stitch", {**TRAINED, "lr": 1e5}).masks}
+    request = stats.request("localize_stitch", {**TRAINED, "lr": 1e5})
     before = {k: p.detach().clone() for k, p in stats.encoder.named_parameters()}
     params = stats.complete("localize_stitch", ["toy"], {**TRAINED, "lr": 1e5})
     (path,) = params["statistics"]
@@ -94,12 +110,13 @@ def test_trained_masks_lower_the_training_loss_and_are_cached(setting):
     assert meta["split"] == "train" and meta["n"] == 32 == len(meta["items"])
     assert meta["loss"]["trained"] < meta["loss"]["top_k"]  # the issue's requirement
     assert meta["mask_losses"][-1] < meta["mask_losses"][0]
-    n_entries = sum(t.numel() for t in task_taus({"toy": adapter}, "toy", "blocks").values())
+    n_entries = sum(d.to_dense().numel() for k, d in adapter.deltas.items() if request.covers(k))
+    assert meta["total"] == n_entries  # P: the blocks' parameters the adapter changes
     # at least the trainer's state: theta_0, tau, logits, their gradient, parameter gradients
     assert stats.seconds["masks"] > 0 and stats.peak_bytes["masks"] >= 5 * 4 * n_entries
     for k, p in stats.encoder.named_parameters():  # theta_0 restored exactly
         assert torch.equal(p, before[k]), k
-    assert path.endswith(mask_key(adapter, settings, 32))
+    assert path.endswith(cache_key(entry_fields(request, stats.source("toy"))))
     stats.seconds.clear()
     assert stats.complete("localize_stitch", ["toy"], {**TRAINED, "lr": 1e5}) == params
     assert stats.seconds == {}  # read from the cache
@@ -109,24 +126,26 @@ def test_trained_masks_lower_the_training_loss_and_are_cached(setting):
     assert used["loss"] == {"toy": meta["loss"]}
 
 
-def test_the_cache_key_covers_adapter_settings_and_n(tmp_path):
-    adapter = TaskAdapter("toy", {}, None, None, tmp_path / "toy-0123456789abcdef", {})
-    a = mask_key(adapter, {"steps": 10, "lr": 1e7}, 16)
-    assert a == mask_key(adapter, {"lr": 1e7, "steps": 10}, 16)  # order does not matter
-    assert a.startswith("toy-0123456789abcdef-masks-") and a.endswith(f"-n16-v{MASKS_VERSION}")
-    assert len({a, mask_key(adapter, {"steps": 5, "lr": 1e7}, 16),
-                mask_key(adapter, {"steps": 10, "lr": 1e7}, 64)}) == 3  # fmt: skip
+def test_the_cache_key_covers_adapter_settings_and_items(setting):
+    stats, adapter = setting
+    request = stats.request("localize_stitch", TRAINED)
 
+    def key(req=request, statistics=stats):
+        return cache_key(entry_fields(req, statistics.source("toy")))
 
-def test_task_taus_cover_every_adapter_key_in_p():
-    big = torch.ones(2, 2)
-    a = TaskAdapter("a", {"layer.0.q.weight": Dense(big), "emb.weight": Dense(big)}, None, None,
-                    None, {})  # fmt: skip
-    b = TaskAdapter("b", {"layer.1.q.weight": Dense(big)}, None, None, None, {})
-    taus = task_taus({"a": a, "b": b}, "a", "blocks")
-    assert set(taus) == {"layer.0.q.weight", "layer.1.q.weight"}  # embeddings are not in P
-    assert torch.equal(taus["layer.1.q.weight"], torch.zeros(2, 2))
-    assert set(task_taus({"a": a, "b": b}, "a", "all")) == {*taus, "emb.weight"}
+    assert key() == key()
+    other_settings = stats.request("localize_stitch", {**TRAINED, "steps": 5})
+    fewer = EncoderStatistics(
+        stats.encoder, WordIds(), stats.adapters, stats.train, stats.root, 16, 0, 8
+    )
+    nudged = {k: Dense(d.to_dense() * 1.01) for k, d in adapter.deltas.items()}
+    head = (adapter.head_weight, adapter.head_bias)
+    changed = {"toy": TaskAdapter("toy", nudged, *head, adapter.path, {})}
+    other_adapter = EncoderStatistics(
+        stats.encoder, WordIds(), changed, stats.train, stats.root, 32, 0, 8
+    )
+    keys = {key(), key(other_settings), key(statistics=fewer), key(statistics=other_adapter)}
+    assert len(keys) == 4
 
 
 def test_top_k_keeps_k_entries_and_never_a_zero():
@@ -140,8 +159,10 @@ def test_a_tier_without_heads_cannot_train_masks(tmp_path):
     adapter = TaskAdapter("toy", {}, None, None, tmp_path / "toy-0", {})
     stats = EncoderStatistics(None, None, {"toy": adapter}, {}, tmp_path, 4, 0, 8)
     reason = stats.unavailable("localize_stitch", TRAINED)
-    assert reason == ("needs trained Localize-and-Stitch masks, and this tier gives no task "
-                      "loss to train them with")  # fmt: skip
+    assert reason == (
+        "needs trained Localize-and-Stitch masks, and this tier gives no task loss to train "
+        "them with"
+    )
     with pytest.raises(StarmergeError, match=f"^localize_stitch: {reason}$"):
         stats.complete("localize_stitch", ["toy"], TRAINED)
     assert stats.unavailable("localize_stitch", {"mode": "dataless"}) is None

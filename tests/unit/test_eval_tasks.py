@@ -88,8 +88,8 @@ def test_unknown_keys_did_you_mean_and_every_error_at_once(tmp_path):
         load_task(path)
     problems = err.value.problems
     text = " | ".join(problems)
-    assert "unknown key 'sampel'. Did you mean: sampling?" in text
-    assert "unknown key sampling.'sead'. Did you mean: seed?" in text
+    assert "unknown key sampel. Did you mean: sampling?" in text
+    assert "unknown key sampling.sead. Did you mean: seed?" in text
     assert (
         "source.type must be one of local, hub, python, got 'lokal'. Did you mean: local?" in text
     )
@@ -109,7 +109,7 @@ def test_inconsistent_metric_keys(tmp_path):
                 "source": {"type": "hub", "path": "x"},
                 "input_template": "{q",
                 "metric": "exact_match",
-            }  # fmt: skip
+            }
         )
     text = str(err.value)
     assert "input_template is not a valid format string" in text

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from starmerge.config import parse_config
+from starmerge.sweep.config import sweep_from_dict
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -16,8 +17,6 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 def test_example_config_is_valid(path):
     raw = yaml.safe_load(path.read_text())
     if "suite" in raw:
-        from starmerge.sweep.config import sweep_from_dict
-
         sweep = sweep_from_dict(raw)
         assert sweep.jobs
         if raw.get("data"):  # a `data:` section reaches the data-driven jobs

@@ -16,14 +16,14 @@ from io_fixtures import tiny_llama
 from starmerge.errors import InputError, OutputError
 from starmerge.io import staging
 from starmerge.io.checkpoint import TensorIndex
-from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan
-from starmerge.io.writer import (
+from starmerge.io.output_dir import (
     atomic_output_dir,
     check_output_dir,
     check_outside_inputs,
     copy_model_files,
     parse_size,
 )
+from starmerge.io.shards import StreamingShardWriter, TensorPlan
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +191,10 @@ def test_output_path_is_a_file(tmp_path):
 
 
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
-    from starmerge.io import stream_writer
+    from starmerge.io import shards
 
     calls = []
-    real = stream_writer._header
+    real = shards._header
 
     def full_disk(tensors):
         calls.append(len(tensors))
@@ -202,7 +202,7 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors)
 
-    monkeypatch.setattr(stream_writer, "_header", full_disk)
+    monkeypatch.setattr(shards, "_header", full_disk)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="disk full while writing"):
         with atomic_output_dir(out, overwrite=False) as tmp:

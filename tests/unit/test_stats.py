@@ -1,13 +1,17 @@
 """Statistics collection against brute force, padding, the memory budget, and the cache."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.unit.data_fixtures import make_tokenizer, write_copy_task
 from torch import nn
 
 from starmerge.errors import StarmergeError
+from starmerge.eval.tasks import load_task
 from starmerge.io.statistics import StatsFile
-from starmerge.stats import ByteCounter, collect_statistics
+from starmerge.stats import ByteCounter, cache, collect_statistics, hf
 from starmerge.stats.cache import StatsWriter, entry_path
 from starmerge.stats.collect import accumulator_bytes
 
@@ -174,9 +178,14 @@ def test_budget_smaller_than_one_module_is_an_error_naming_the_callers_knob(name
     need = sum(accumulator_bytes(model.layers[0], KINDS))
     with pytest.raises(StarmergeError) as err:
         collect_statistics(
-            model, _batches(_examples(), 2), _loss, ["layers.0"], KINDS, memory_budget=1000,
+            model,
+            _batches(_examples(), 2),
+            _loss,
+            ["layers.0"],
+            KINDS,
+            memory_budget=1000,
             **named,
-        )  # fmt: skip
+        )
     knob = name or "memory_budget"  # called directly: the argument's own name
     assert str(err.value) == (
         f"statistics of layers.0 need {need} bytes but {knob} is 1000; raise {knob}"
@@ -208,11 +217,6 @@ def llama(tiny_models):
 
 
 def _hf_stats(model, batch_size, fisher="empirical", tmp_root=None):
-    from tests.unit.data_fixtures import make_tokenizer, write_copy_task
-
-    from starmerge.eval.tasks import load_task
-    from starmerge.stats import hf
-
     spec = load_task(write_copy_task(tmp_root))
     batches = hf.build_batches(make_tokenizer(), "causal_lm", spec, spec.examples(), batch_size, 64)
     modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
@@ -240,10 +244,6 @@ def test_hf_causal_lm_statistics_do_not_depend_on_padding(llama, tmp_path):
 
 def test_cache_entry_written_twice_keeps_the_first(tmp_path, monkeypatch):
     """Two processes finishing the same entry (Ray workers): the second keeps the first's."""
-    import os
-
-    from starmerge.stats import cache
-
     first = torch.ones(2)
     with StatsWriter(tmp_path, "k", {"n": 1}) as writer:
         writer({"m::gram_in": first})

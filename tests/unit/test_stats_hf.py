@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.unit.data_fixtures import make_tokenizer, write_copy_task, write_sentiment_task
 
+from starmerge.eval.tasks import load_task
 from starmerge.stats import collect_statistics, hf
 
 transformers = pytest.importorskip("transformers")
@@ -41,18 +43,19 @@ def t5(tiny_models):
 def bert():
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64, num_labels=2,
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
         architectures=["BertForSequenceClassification"],
-    )  # fmt: skip
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
 def _spec_and_examples(tmp_path, which):
-    from tests.unit.data_fixtures import write_copy_task, write_sentiment_task
-
-    from starmerge.eval.tasks import load_task
-
     spec = load_task((write_copy_task if which == "copy" else write_sentiment_task)(tmp_path))
     return spec, spec.examples()
 
@@ -86,8 +89,11 @@ def _brute_force(model, batches, modules, loss_of):
         for i, name in enumerate(modules):
             x = seen[name][0].detach().reshape(-1, seen[name][0].shape[-1])
             d = g_y[i].reshape(-1, g_y[i].shape[-1])
-            add = {f"{name}.weight::fisher": g_w[i] ** 2, f"{name}::gram_in": x.T @ x,
-                   f"{name}::gram_out": d.T @ d}  # fmt: skip
+            add = {
+                f"{name}.weight::fisher": g_w[i] ** 2,
+                f"{name}::gram_in": x.T @ x,
+                f"{name}::gram_out": d.T @ d,
+            }
             if biases[i] is not None:
                 add[f"{name}.bias::fisher"] = next(g_b) ** 2
             for k, v in add.items():
@@ -104,14 +110,18 @@ def _check(got, expected):
 
 
 def test_seq2seq_statistics_match_per_example_gradients_with_padding_masked(t5, tmp_path):
-    from tests.unit.data_fixtures import make_tokenizer
-
     spec, examples = _spec_and_examples(tmp_path, "copy")
     tok = make_tokenizer()
     padded = hf.build_batches(tok, "seq2seq", spec, examples, 5, 64)  # one batch, padded
     assert any((b["attention_mask"] == 0).any() and (b["labels"] == -100).any() for b in padded)
-    got = collect_statistics(t5, padded, hf.make_loss_fn("seq2seq"), T5_MODULES, KINDS,
-                             mask_fn=hf.make_mask_fn("seq2seq"))  # fmt: skip
+    got = collect_statistics(
+        t5,
+        padded,
+        hf.make_loss_fn("seq2seq"),
+        T5_MODULES,
+        KINDS,
+        mask_fn=hf.make_mask_fn("seq2seq"),
+    )
 
     def loss_of(model, b):  # HF's mean cross-entropy over the answer tokens
         return model(input_ids=b["input_ids"], labels=b["labels"]).loss
@@ -124,8 +134,12 @@ def test_seq2seq_statistics_match_per_example_gradients_with_padding_masked(t5, 
     n_dec = sum(int((b["labels"] != -100).sum()) for b in padded)
     x = torch.cat([_inputs(t5, b, "encoder.block.0.layer.0.SelfAttention.q") for b in singles])
     assert x.shape[0] == n_enc and n_dec < n_enc
-    torch.testing.assert_close(got["encoder.block.0.layer.0.SelfAttention.q::gram_in"],
-                               x.T @ x / n_enc, rtol=1e-4, atol=1e-8)  # fmt: skip
+    torch.testing.assert_close(
+        got["encoder.block.0.layer.0.SelfAttention.q::gram_in"],
+        x.T @ x / n_enc,
+        rtol=1e-4,
+        atol=1e-8,
+    )
 
 
 def _inputs(model, batch, name):
@@ -138,19 +152,24 @@ def _inputs(model, batch, name):
 
 
 def test_classifier_statistics_match_per_example_gradients_with_padding_masked(bert, tmp_path):
-    from tests.unit.data_fixtures import make_tokenizer
-
     spec, examples = _spec_and_examples(tmp_path, "sentiment")
     tok = make_tokenizer()
     padded = hf.build_batches(tok, "classifier", spec, examples, 3, 64)
     assert any((b["attention_mask"] == 0).any() for b in padded)
     assert [int(b) for p in padded for b in p["labels"]] == [int(e.label) for e in examples]
-    got = collect_statistics(bert, padded, hf.make_loss_fn("classifier"), BERT_MODULES, KINDS,
-                             mask_fn=hf.make_mask_fn("classifier"))  # fmt: skip
+    got = collect_statistics(
+        bert,
+        padded,
+        hf.make_loss_fn("classifier"),
+        BERT_MODULES,
+        KINDS,
+        mask_fn=hf.make_mask_fn("classifier"),
+    )
 
     def loss_of(model, b):  # HF's cross-entropy of the one label
-        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     labels=b["labels"]).loss  # fmt: skip
+        return model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+        ).loss
 
     singles = hf.build_batches(tok, "classifier", spec, examples, 1, 64)
     expected = _brute_force(bert, singles, BERT_MODULES, loss_of)
@@ -159,8 +178,9 @@ def test_classifier_statistics_match_per_example_gradients_with_padding_masked(b
     # The pooled head sees one row per example: its Grams divide by the number of examples.
     pooled = torch.cat([_pooled(bert, b) for b in singles])
     assert pooled.shape[0] == len(examples)
-    torch.testing.assert_close(got["classifier::gram_in"], pooled.T @ pooled / len(examples),
-                               rtol=1e-4, atol=1e-8)  # fmt: skip
+    torch.testing.assert_close(
+        got["classifier::gram_in"], pooled.T @ pooled / len(examples), rtol=1e-4, atol=1e-8
+    )
 
 
 def _pooled(model, batch):
@@ -173,15 +193,14 @@ def _pooled(model, batch):
 
 
 def test_classifier_true_fisher_is_seeded_and_differs_from_the_empirical(bert, tmp_path):
-    from tests.unit.data_fixtures import make_tokenizer
-
     spec, examples = _spec_and_examples(tmp_path, "sentiment")
     batches = hf.build_batches(make_tokenizer(), "classifier", spec, examples, 3, 64, seed=1)
     key = "classifier.weight::fisher"
 
     def fisher(kind):
-        return collect_statistics(bert, batches, hf.make_loss_fn("classifier", kind),
-                                  ["classifier"], {"fisher"})[key]  # fmt: skip
+        return collect_statistics(
+            bert, batches, hf.make_loss_fn("classifier", kind), ["classifier"], {"fisher"}
+        )[key]
 
     assert torch.equal(fisher("true"), fisher("true"))
     assert not torch.allclose(fisher("true"), fisher("empirical"))

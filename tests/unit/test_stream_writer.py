@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from starmerge.io.stream_writer import StreamingShardWriter, TensorPlan, plan_shards
+from starmerge.io.shards import StreamingShardWriter, TensorPlan, plan_shards
 
 
 def _tensors():

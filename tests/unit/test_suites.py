@@ -63,28 +63,55 @@ def test_lots_of_loras_ids_are_zero_padded_and_match_the_datasets():
 
 
 SEED_PROMPTS = [  # (suite, task, row, the seed's f-string rendered on it)
-    ("flan-t5-large", "mnli", {"premise": "P", "hypothesis": "H", "label": 0},
-     "Does the premise: ‘P’ logically imply, contradict, or is neutral to the hypothesis: ‘H’? "
-     "Answer with ‘entailment’, ‘contradiction’, or ‘neutral’."),
-    ("flan-t5-large", "hella", {"ctx": "C", "endings": ["e0", "e1", "e2", "e3"], "label": "1"},
-     "The following is a context: 'C'\nGiven this context, choose the most appropriate ending:\n"
-     "0: e0\n1: e1\n2: e2\n3: e3\nPlease return 0, 1, 2, or 3 as the correct answer."),
-    ("flan-t5-large", "piqa", {"goal": "G", "sol1": "A", "sol2": "B", "label": 0},
-     "Question: G\n    Option 1: A\n    Option 2: B\n    Which option is more appropriate? "
-     "Respond with 'Option 1' or 'Option 2'."),
-    ("flan-t5-large", "boolq", {"question": "Q", "passage": "P", "answer": True},
-     "Based on the following passage: ‘P’, answer the question: ‘Q’. Respond with ‘true’ or "
-     "‘false’."),
-    ("llama-3.2-3b-instruct", "cola", {"sentence": "S", "label": 1},
-     "Indicate if the following sentence is grammatically correct or not: \"S\". Answer ‘Yes’ or "
-     "‘No’."),
-    ("llama-3.2-3b-instruct", "copa",
-     {"premise": "P", "question": "cause", "choice1": "A", "choice2": "B", "label": 0},
-     "Given the premise: 'P', what's the cause for this? choice1: 'A' or choice2: 'B'. Answer "
-     "with 'choice1' or 'choice2' without explanation."),
-    ("mistral-7b-instruct", "ethos", {"input": "Text: x", "output": ["violence"], "id": "1"},
-     "Text: x"),
-]  # fmt: skip
+    (
+        "flan-t5-large",
+        "mnli",
+        {"premise": "P", "hypothesis": "H", "label": 0},
+        "Does the premise: ‘P’ logically imply, contradict, or is neutral to the hypothesis: ‘H’? "
+        "Answer with ‘entailment’, ‘contradiction’, or ‘neutral’.",
+    ),
+    (
+        "flan-t5-large",
+        "hella",
+        {"ctx": "C", "endings": ["e0", "e1", "e2", "e3"], "label": "1"},
+        "The following is a context: 'C'\nGiven this context, choose the most appropriate ending:\n"
+        "0: e0\n1: e1\n2: e2\n3: e3\nPlease return 0, 1, 2, or 3 as the correct answer.",
+    ),
+    (
+        "flan-t5-large",
+        "piqa",
+        {"goal": "G", "sol1": "A", "sol2": "B", "label": 0},
+        "Question: G\n    Option 1: A\n    Option 2: B\n    Which option is more appropriate? "
+        "Respond with 'Option 1' or 'Option 2'.",
+    ),
+    (
+        "flan-t5-large",
+        "boolq",
+        {"question": "Q", "passage": "P", "answer": True},
+        "Based on the following passage: ‘P’, answer the question: ‘Q’. Respond with ‘true’ or "
+        "‘false’.",
+    ),
+    (
+        "llama-3.2-3b-instruct",
+        "cola",
+        {"sentence": "S", "label": 1},
+        'Indicate if the following sentence is grammatically correct or not: "S". Answer ‘Yes’ or '
+        "‘No’.",
+    ),
+    (
+        "llama-3.2-3b-instruct",
+        "copa",
+        {"premise": "P", "question": "cause", "choice1": "A", "choice2": "B", "label": 0},
+        "Given the premise: 'P', what's the cause for this? choice1: 'A' or choice2: 'B'. Answer "
+        "with 'choice1' or 'choice2' without explanation.",
+    ),
+    (
+        "mistral-7b-instruct",
+        "ethos",
+        {"input": "Text: x", "output": ["violence"], "id": "1"},
+        "Text: x",
+    ),
+]
 
 
 @pytest.mark.parametrize(("suite", "task", "row", "expected"), SEED_PROMPTS)

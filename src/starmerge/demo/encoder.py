@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from starmerge.demo.assets import MODEL_PACKAGE, TaskData, load_task, model_path
+from starmerge.demo.assets import MODEL_PACKAGE, TaskData, load_demo_task, model_path
 from starmerge.demo.env import quiet_transformers
 from starmerge.demo.statistics import BATCH_SIZE, DemoStatistics
 from starmerge.demo.train import (
@@ -33,7 +33,7 @@ from starmerge.errors import InputError
 from starmerge.eval.classifier import ClassifierHeadBackend
 
 SUITE = "demo-minilm"
-__all__ = ["EncoderStatistics", "EncoderTier", "load_task", "make_tier", "train_into"]
+__all__ = ["EncoderStatistics", "EncoderTier", "load_demo_task", "make_tier", "train_into"]
 
 
 def load_backbone(model: str = "minilm") -> tuple[Any, torch.nn.Module]:

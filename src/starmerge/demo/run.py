@@ -158,7 +158,7 @@ def run_demo(
     with cpu_threads() as threads:
         start = time.perf_counter()
         names = list(tasks) if tasks else default_tasks()
-        load = tier_module(model).load_task
+        load = tier_module(model).load_demo_task
         splits = {t: split_task(load(t), n_train, n_test, seed) for t in names}
         adapters = {t: get_adapter(cache, splits[t][0], recipe, seed, progress) for t in names}
         trained = time.perf_counter()

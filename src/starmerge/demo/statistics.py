@@ -1,21 +1,26 @@
-"""Task statistics for the demo's data methods (MaTS, Fisher, RegMean), and its output files.
+"""Task statistics for the demo's data methods (MaTS, Fisher, RegMean, trained L&S masks).
 
 For each task, the plain model with that task's adapter applied in memory (``applied``) and the
 tier's task loss (the encoder's head, or the decoder's answer tokens: each tier subclasses
-:class:`DemoStatistics`) is run by :func:`starmerge.stats.collect_statistics` over ``n`` of the
-task's own *training* items (a seeded choice; never test items). Each (task adapter, kind, n) is
-written once into the demo cache as a statistics entry (``index.json`` records the split, n,
-the items and the cost) and its path is passed to ``merge_deltas`` as ``statistics``. Only the
-kinds a method's parameters need (its registry entry's ``data(params)``) are collected.
-Trained Localize-and-Stitch masks (``mode: trained``) come from the same items and batches, one
-cached entry per (adapter, n, mask settings): see :mod:`starmerge.demo.masks`.
+:class:`DemoStatistics`) is described as a :class:`~starmerge.stats.source.TaskSource` over
+``n`` of the task's own *training* items (a seeded choice; never test items), and its entry comes
+from :func:`starmerge.stats.gather_statistics`: the pipeline and cache-key recipe that
+``starmerge merge`` and sweeps use (base model and adapter by their weight files' sha256, the
+batches' tokens, the model and loss kinds, the statistic kinds or mask settings, the merged
+keys). Entries live in the demo cache (``demo/<model>/stats/``); ``index.json`` records the
+split, n, the items and the cost, and their paths are passed to ``merge_deltas`` as
+``statistics``. Only what a method's parameters need (its registry entry's ``data(params)``) is
+collected. Trained Localize-and-Stitch masks (``mode: trained``) come from the same items and
+batches; :mod:`starmerge.demo.masks` summarises them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +28,19 @@ import torch
 from torch import Tensor
 
 from starmerge.demo.assets import TaskData
+from starmerge.demo.masks import mask_summary, settings_label
 from starmerge.demo.train import TaskAdapter, _seed_for, applied
 from starmerge.errors import StarmergeError
+from starmerge.io.adapter import load_adapter
 from starmerge.methods import METHODS
 from starmerge.methods.contract import DataRequest
+from starmerge.report.costs import render_costs
+from starmerge.report.html import write_html
+from starmerge.report.plots import plot_curve, plot_eta_sweep, plot_normalized
+from starmerge.report.tables import render_table
+from starmerge.stats.gather import gather_statistics
+from starmerge.stats.source import TaskSource, model_identity, weights_identity
 
-STATS_VERSION = 1  # bump when collection changes what an entry holds
 BATCH_SIZE = 16
 
 
@@ -36,7 +48,7 @@ class DemoStatistics:
     """Collects (once, cached) and hands out per-task statistics for the data methods.
 
     Args:
-        encoder: The plain demo encoder (the adapters are applied to it in turn, then undone).
+        encoder: The plain demo model (the adapters are applied to it in turn, then undone).
         tokenizer: Its tokenizer.
         adapters: The task adapters (deltas and heads), by task.
         train: Each task's training items (the statistics' only source).
@@ -47,9 +59,18 @@ class DemoStatistics:
         model: The backbone name.
     """
 
-    def __init__(self, encoder: torch.nn.Module, tokenizer: Any,
-                 adapters: Mapping[str, TaskAdapter], train: Mapping[str, TaskData], cache: Path,
-                 n: int, seed: int, max_length: int, model: str = "minilm"):  # fmt: skip
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        tokenizer: Any,
+        adapters: Mapping[str, TaskAdapter],
+        train: Mapping[str, TaskData],
+        cache: Path,
+        n: int,
+        seed: int,
+        max_length: int,
+        model: str = "minilm",
+    ):
         self.encoder, self.tokenizer, self.adapters = encoder, tokenizer, adapters
         self.train = train
         self.n, self.seed, self.max_length = n, seed, max_length
@@ -57,6 +78,7 @@ class DemoStatistics:
         self.seconds: dict[str, float] = {}  # kind -> collection time this run (all tasks)
         self.peak_bytes: dict[str, int] = {}  # kind -> largest accumulator footprint
         self.entries: dict[tuple[str, str], Path] = {}
+        self._base_id: list[str] | None = None
 
     def request(self, method: str, params: Mapping[str, Any]) -> DataRequest | None:
         """What ``method`` needs at ``params`` (defaults filled; None: nothing)."""
@@ -69,15 +91,19 @@ class DemoStatistics:
         if req is None:
             return None
         if req.masks is not None:
-            return None if self.has_task_loss() else (
+            if self.has_task_loss():
+                return None
+            return (
                 "needs trained Localize-and-Stitch masks, and this tier gives no task loss "
-                "to train them with")  # fmt: skip
+                "to train them with"
+            )
         if req.fisher != "empirical":
             return f"needs {req.fisher!r} Fisher labels; the demo collects empirical ones"
         return None
 
-    def complete(self, method: str, tasks: Sequence[str],
-                 params: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    def complete(
+        self, method: str, tasks: Sequence[str], params: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """``params`` plus ``statistics`` (one entry per task) when ``method`` needs data."""
         req = self.request(method, params)
         if req is None:
@@ -85,92 +111,91 @@ class DemoStatistics:
         reason = self.unavailable(method, params)
         if reason:
             raise StarmergeError(f"{method}: {reason}")
-        if req.masks is not None:
-            paths = [self.mask_entry(t, req.masks) for t in tasks]
-        else:
-            paths = [self.entry(t, req.kinds) for t in tasks]
-        return {**params, "statistics": [str(p) for p in paths]}
+        return {**params, "statistics": [str(self.entry(t, req)) for t in tasks]}
 
     def used(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """What data a row used, for the results."""
         req = self.request(method, params)
         if req is None:
             return {"data": "none"}
-        if req.masks is not None:
-            return self._masks_used(req.masks)
-        kinds, label = list(req.kinds), "+".join(req.kinds)
-        paths = [self.entries[(t, label)] for t in self.adapters if (t, label) in self.entries]
-        return {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
-                "kinds": kinds, "fisher": req.fisher if "fisher" in kinds else None,
-                "entries": [p.name for p in paths],
-                **_recorded_cost(paths)}  # fmt: skip
-
-    def entry(self, task: str, kinds: Sequence[str]) -> Path:
-        """The cached statistics entry of ``task`` for ``kinds``, collecting it when missing."""
-        from starmerge.stats.cache import StatsWriter, entry_path
-
-        label = "+".join(kinds)
-        adapter = self.adapters[task]
-        key = f"{adapter.path.name}-{label}-n{self.n}-v{STATS_VERSION}"
-        path = entry_path(self.root, key)
-        if path is None:
-            items = self._items(task)
-            meta = {"task": task, "split": "train", "n": len(items), "kinds": list(kinds),
-                    "fisher": "empirical", "adapter": adapter.path.name, "seed": self.seed,
-                    "max_length": self.max_length, "items": items}  # fmt: skip
-            start = time.perf_counter()
-            with StatsWriter(self.root, key, meta) as writer:
-                peak = self._collect(task, items, kinds, writer)
-                writer.meta.update(seconds=round(time.perf_counter() - start, 3), peak_bytes=peak)
-            path = self.root / key
-            self.seconds[label] = round(self.seconds.get(label, 0.0)
-                                        + time.perf_counter() - start, 3)  # fmt: skip
-            self.peak_bytes[label] = max(self.peak_bytes.get(label, 0), peak)
-        self.entries[(task, label)] = path
-        return path
-
-    def mask_entry(self, task: str, settings: Mapping[str, Any]) -> Path:
-        """The cached trained-mask entry of ``task`` for ``settings``, training it when missing."""
-        from starmerge.demo import masks as demo_masks
-        from starmerge.stats.cache import StatsWriter, entry_path
-
-        adapter = self.adapters[task]
-        key = demo_masks.mask_key(adapter, settings, self.n)
-        path = entry_path(self.root, key)
-        if path is None:
-            items = self._items(task)
-            meta = {"task": task, "split": "train", "n": len(items), "masks": dict(settings),
-                    "adapter": adapter.path.name, "seed": self.seed,
-                    "max_length": self.max_length, "items": items}  # fmt: skip
-            pset = settings.get("parameter_set", "blocks")
-            taus = demo_masks.task_taus(self.adapters, task, pset)
-            batches, loss_fn = self._task_batches(task, items)
-            start = time.perf_counter()
-            with StatsWriter(self.root, key, meta) as writer:
-                peak = demo_masks.train_entry(writer, self.encoder, taus, batches, loss_fn,
-                                              settings)  # fmt: skip
-                writer.meta.update(seconds=round(time.perf_counter() - start, 3), peak_bytes=peak)
-            path = self.root / key
-            self.seconds["masks"] = round(self.seconds.get("masks", 0.0)
-                                          + time.perf_counter() - start, 3)  # fmt: skip
-            self.peak_bytes["masks"] = max(self.peak_bytes.get("masks", 0), peak)
-        self.entries[(task, demo_masks.settings_label(settings))] = path
-        return path
-
-    def _masks_used(self, settings: Mapping[str, Any]) -> dict[str, Any]:
-        """The trained-mask row's data: items, entries, per-task sparsity, overlap and losses."""
-        from starmerge.demo.masks import mask_summary, settings_label
-
-        label = settings_label(settings)
+        label = _label(req)
         tasks = [t for t in self.adapters if (t, label) in self.entries]
         paths = [self.entries[(t, label)] for t in tasks]
-        out = {"data": f"{self.n} training items per task", "split": "train", "n": self.n,
-               "kinds": ["masks"], "masks": dict(settings),
-               "entries": [p.name for p in paths], **_recorded_cost(paths)}  # fmt: skip
-        if len(tasks) == len(self.adapters):
-            out.update(mask_summary(self.adapters, paths, settings.get("parameter_set", "blocks")))
+        out = {"data": f"{self.n} training items per task", "split": "train", "n": self.n}
+        if req.masks is None:
+            kinds = list(req.kinds)
+            fisher = req.fisher if "fisher" in kinds else None
+            out.update(kinds=kinds, fisher=fisher)
+        else:
+            out.update(kinds=["masks"], masks=dict(req.masks))
+        out.update(entries=[p.name for p in paths], **_recorded_cost(paths))
+        if req.masks is not None and len(tasks) == len(self.adapters):
+            pset = req.masks.get("parameter_set", "blocks")
+            out.update(mask_summary(self.adapters, paths, pset))
             out["loss"] = {t: entry_meta(p)["loss"] for t, p in zip(tasks, paths, strict=True)}
         return out
+
+    def entry(self, task: str, request: DataRequest) -> Path:
+        """The cached entry of ``task`` for ``request``, collected (or trained) when missing."""
+        (found,) = gather_statistics(request, [self.source(task)], self.root)
+        if found.computed:
+            cost = "+".join(request.kinds) if request.kinds else "masks"
+            self.seconds[cost] = round(self.seconds.get(cost, 0.0) + found.seconds, 3)
+            self.peak_bytes[cost] = max(self.peak_bytes.get(cost, 0), found.peak_bytes)
+        self.entries[(task, _label(request))] = found.path
+        return found.path
+
+    def source(self, task: str) -> TaskSource:
+        """``task`` as the statistics pipeline sees it: base + its adapter, its loss and items."""
+        adapter = self.adapters[task]
+        items = self._items(task)
+        batches, loss_fn = self._task_batches(task, items)
+        shapes = {k: d.shape for a in self.adapters.values() for k, d in a.deltas.items()}
+        if self._base_id is None:
+            self._base_id = model_identity(self.encoder)
+        return TaskSource(
+            base=self._base_id,
+            model=_adapter_identity(adapter),
+            model_kind=self.model_kind(),
+            loss_kind=self.loss_kind(task),
+            batches=batches,
+            make_loss=lambda fisher: loss_fn,  # empirical labels (see ``unavailable``)
+            shapes=shapes,
+            task_model=lambda: self._applied(adapter),
+            base_model=lambda: self.encoder,
+            tau=adapter.deltas.get,
+            meta={
+                "task": task,
+                "split": "train",
+                "items": items,
+                "seed": self.seed,
+                "adapter": adapter.path.name,
+                "max_length": self.max_length,
+            },
+        )
+
+    def model_kind(self) -> str:
+        """``causal_lm`` for a model with an output embedding, else ``classifier``.
+
+        A ``classifier`` here is an encoder whose task heads lie outside it; both kinds count
+        every non-pad token in the Grams.
+        """
+        get = getattr(self.encoder, "get_output_embeddings", None)
+        return "causal_lm" if get is not None and get() is not None else "classifier"
+
+    def loss_kind(self, task: str) -> str:
+        """The tier's task loss (its class) and, where it has one, the task's head."""
+        name = f"{type(self).__module__}.{type(self).__qualname__}"
+        adapter = self.adapters[task]
+        if adapter.head_weight is None:
+            return name
+        head = torch.cat([adapter.head_weight.flatten(), adapter.head_bias.flatten()])
+        return f"{name}:{hashlib.sha256(head.float().numpy().tobytes()).hexdigest()}"
+
+    @contextmanager
+    def _applied(self, adapter: TaskAdapter) -> Iterator[torch.nn.Module]:
+        with applied(self.encoder, adapter.deltas):
+            yield self.encoder
 
     def _items(self, task: str) -> list[int]:
         """A seeded choice of ``n`` training-item indices."""
@@ -189,27 +214,33 @@ class DemoStatistics:
         """
         raise NotImplementedError(f"{type(self).__name__} gives no task loss")
 
-    def _collect(self, task: str, items: list[int], kinds: Sequence[str], sink) -> int:
-        """Run the collector on base + ``task``'s adapter (and its loss); return the peak bytes."""
-        from starmerge.stats import ByteCounter, collect_statistics
-        from starmerge.stats.hf import make_mask_fn
 
-        adapter = self.adapters[task]
-        batches, loss_fn = self._task_batches(task, items)
-        modules = [k.removesuffix(".weight") for k in adapter.deltas]  # the deltas' own keys
-        counter = ByteCounter()
-        with applied(self.encoder, adapter.deltas):
-            collect_statistics(self.encoder, batches, loss_fn, modules, kinds,
-                               mask_fn=make_mask_fn("classifier"), sink=sink,
-                               counter=counter)  # fmt: skip
-        return counter.peak
+def _label(request: DataRequest) -> str:
+    """What a row's entries are filed under: the statistic kinds, or the mask settings."""
+    return "+".join(request.kinds) if request.kinds else settings_label(request.masks or {})
+
+
+def _adapter_identity(adapter: TaskAdapter) -> list[str]:
+    """The adapter's weight files' sha256, as ``starmerge merge`` names an adapter input.
+
+    An adapter held only in memory (no directory) is named by a hash of its deltas.
+    """
+    if (adapter.path / "adapter").is_dir():
+        return weights_identity(load_adapter(adapter.path / "adapter").files)
+    digest = hashlib.sha256()
+    for key in sorted(adapter.deltas):
+        digest.update(key.encode())
+        digest.update(adapter.deltas[key].to_dense(torch.float32).numpy().tobytes())
+    return [digest.hexdigest()]
 
 
 def _recorded_cost(paths: Sequence[Path]) -> dict[str, float | int]:
     """What writing ``paths`` cost (this run or an earlier one): seconds in all, largest peak."""
     metas = [entry_meta(p) for p in paths]
-    return {"seconds": round(sum(m.get("seconds", 0.0) for m in metas), 3),
-            "peak_bytes": max((m.get("peak_bytes", 0) for m in metas), default=0)}  # fmt: skip
+    return {
+        "seconds": round(sum(m.get("seconds", 0.0) for m in metas), 3),
+        "peak_bytes": max((m.get("peak_bytes", 0) for m in metas), default=0),
+    }
 
 
 def entry_meta(path: str | Path) -> dict[str, Any]:
@@ -219,13 +250,6 @@ def entry_meta(path: str | Path) -> dict[str, Any]:
 
 def write_outputs(data: dict[str, Any], out: Path, stem: str, echo: bool) -> dict[str, str]:
     """Results JSON, table, plots and HTML report; prints the table when ``echo``."""
-    import os
-
-    from starmerge.report.costs import render_costs
-    from starmerge.report.html import write_html
-    from starmerge.report.plots import plot_curve, plot_eta_sweep, plot_normalized
-    from starmerge.report.tables import render_table
-
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "results": out / f"{stem}.json",

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from starmerge.demo.assets import TaskData
 from starmerge.errors import InputError, StarmergeError, UnknownNameError, did_you_mean
-from starmerge.io.adapter import load_adapter as read_lora
+from starmerge.io.adapter import load_adapter
 from starmerge.tensors.delta import Delta
 
 CACHE_VERSION = 1  # bump when the training code changes what a recipe produces
@@ -119,7 +119,7 @@ def split_task(data: TaskData, n_train: int, n_test: int, seed: int) -> tuple[Ta
     return data.subset(order[n_test : n_test + n_train]), data.subset(order[:n_test])
 
 
-def cache_key(task: TaskData, recipe: Recipe, seed: int) -> str:
+def adapter_key(task: TaskData, recipe: Recipe, seed: int) -> str:
     """Hash of the recipe, the seed and the exact training items."""
     head = [CACHE_VERSION, asdict(recipe), seed, task.name, list(task.label_names)]
     digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
@@ -130,10 +130,12 @@ def cache_key(task: TaskData, recipe: Recipe, seed: int) -> str:
 
 def adapter_dir(cache_dir: Path, task: TaskData, recipe: Recipe, seed: int) -> Path:
     """Where the adapter of ``task`` trained with ``recipe`` lives in the cache."""
-    return Path(cache_dir) / "demo" / recipe.model / f"{task.name}-{cache_key(task, recipe, seed)}"
+    return (
+        Path(cache_dir) / "demo" / recipe.model / f"{task.name}-{adapter_key(task, recipe, seed)}"
+    )
 
 
-#: Backbone name -> the module of its tier. Each gives ``load_task(name)``, ``train_into(path,
+#: Backbone name -> the module of its tier. Each gives ``load_demo_task(name)``, ``train_into(path,
 #: train, recipe, seed, progress, cache)`` and ``make_tier(recipe, adapters, cache)``.
 TIERS = {"minilm": "starmerge.demo.encoder", "gemma-270m": "starmerge.demo.decoder"}
 
@@ -158,14 +160,14 @@ def get_adapter(
     fresh = not (path / "meta.json").is_file()
     if fresh:
         tier_module(recipe.model).train_into(path, train, recipe, seed, progress, Path(cache_dir))
-    adapter = load_adapter(path)
+    adapter = load_task_adapter(path)
     adapter.meta["fresh"] = fresh  # trained by this call (not written to the cache)
     return adapter
 
 
-def load_adapter(path: Path) -> TaskAdapter:
+def load_task_adapter(path: Path) -> TaskAdapter:
     """Read a cached adapter: its ``LowRank`` delta per base ``<module>.weight``, and its head."""
-    lora = read_lora(path / "adapter")  # the same reader as `starmerge merge`
+    lora = load_adapter(path / "adapter")  # the same reader as `starmerge merge`
     deltas: dict[str, Delta] = {key: lora.get(key) for key in lora.keys()}
     head = (
         load_file(str(path / "head.safetensors")) if (path / "head.safetensors").is_file() else {}

@@ -80,8 +80,14 @@ def _regroup(owners: list[int], scores: list[float], n: int) -> list[list[float]
     return out
 
 
-def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, n_new: int, pad: int,
-            stop: Sequence[int] = ()):  # fmt: skip
+def _greedy(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    n_new: int,
+    pad: int,
+    stop: Sequence[int] = (),
+):
     """Greedy ``generate`` on the model's device; the output ids on CPU.
 
     ``stop``: token ids that end a sequence besides the model's own EOS.
@@ -92,8 +98,15 @@ def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, n_new: int, pad: 
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         extra["eos_token_id"] = [*eos, *stop]
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                         do_sample=False, num_beams=1, pad_token_id=pad, **extra)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n_new,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        **extra,
+    )
     return out.cpu()
 
 
@@ -191,8 +204,9 @@ class CausalLMBackend:
                 for r in shared[contexts[c]]:
                     scores[r] = float(logp[b, reqs[r][1][1][0]])
         longer = [r for r, (_, (_, cont)) in enumerate(reqs) if len(cont) > 1]
-        for batch in _batches([len(reqs[r][1][0]) + len(reqs[r][1][1]) for r in longer],
-                              self.batch_size):  # fmt: skip
+        for batch in _batches(
+            [len(reqs[r][1][0]) + len(reqs[r][1][1]) for r in longer], self.batch_size
+        ):
             batch = [longer[b] for b in batch]
             seqs = [reqs[r][1][0] + reqs[r][1][1] for r in batch]
             conts = [reqs[r][1][1] for r in batch]

@@ -9,7 +9,12 @@ from typing import Any
 from safetensors import SafetensorError
 
 from starmerge.errors import InputError, OutputError
+from starmerge.eval.backends import CausalLMBackend, Seq2SeqBackend
+from starmerge.eval.results import Results
+from starmerge.eval.runner import evaluate
+from starmerge.eval.tasks import load_task
 from starmerge.io.checkpoint import TensorIndex
+from starmerge.io.hub import resolve
 
 # Weight files whose safetensors headers are checked before transformers or PEFT open them.
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -32,9 +37,6 @@ def load_backend(
             or corrupt weights file (the model's or the adapter's).
     """
     import transformers as tf
-
-    from starmerge.eval.backends import CausalLMBackend, Seq2SeqBackend
-    from starmerge.io.hub import resolve
 
     path = resolve(model_path, what="model")
     adapter_path = None if adapter is None else resolve(adapter, what="adapter")
@@ -115,10 +117,6 @@ def evaluate_model(
     Example:
         >>> results, path = evaluate_model("out/merged", ["example_sst2"], Path("results/eval"))
     """
-    from starmerge.eval.results import Results
-    from starmerge.eval.runner import evaluate
-    from starmerge.eval.tasks import load_task
-
     specs = [load_task(t) for t in tasks]
     backend = load_backend(
         model_path, adapter=adapter, batch_size=batch_size, chat_template=chat_template

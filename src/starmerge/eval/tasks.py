@@ -5,7 +5,7 @@ names its data ``source``, seeded ``sampling``, an ``input_template`` over the d
 either ``label_words`` (scored or matched) or a generation ``metric`` with a ``target_column``.
 ``include: other.yaml`` (a path relative to the file, or a built-in task name) loads that file
 first; this file's keys override it, key by key inside ``metadata``, ``source`` and
-``sampling``. Built-in tasks live in ``starmerge/eval/tasks/*.yaml``. Data is read only when
+``sampling``. Built-in tasks live in ``starmerge/eval/task_files/*.yaml``. Data is read only when
 ``TaskSpec.examples()`` is called.
 """
 
@@ -13,37 +13,50 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from starmerge.errors import ConfigError, StarmergeError, UnknownNameError, did_you_mean
 from starmerge.eval import sources
 from starmerge.eval.metrics import METRICS
 from starmerge.eval.sources import Sampling, Source
+from starmerge.schema import at_least, option, parse_section
 from starmerge.yaml_io import load_yaml
 
-TASKS_DIR = Path(__file__).parent / "tasks"
+TASKS_DIR = Path(__file__).parent / "task_files"
 _DIR = "__dir__"  # internal source key: the directory of the file that set source.path
 
-# key -> (type, required). None values count as absent.
-_TOP: dict[str, tuple[type, bool]] = {
-    "name": (str, True), "description": (str, False), "metadata": (dict, True),
-    "source": (dict, True), "sampling": (dict, False), "input_template": (str, True),
-    "label_column": (str, False), "label_words": (dict, False), "metric": (str, False),
-    "target_column": (str, False), "scoring": (str, False), "length_normalized": (bool, False),
-    "target_delimiter": (str, False), "max_new_tokens": (int, False), "include": (str, False),
-}  # fmt: skip
-_SECTIONS: dict[str, dict[str, tuple[type, bool]]] = {
-    "source": {"type": (str, True), "path": (str, True), "config": (str, False),
-               "split": (str, False), "format": (str, False)},
-    "sampling": {"n": (int, False), "seed": (int, False), "balance": (bool, False)},
-}  # fmt: skip
-_ENUMS = {
-    "source.type": ("local", "hub", "python"),
-    "source.format": sources.FORMATS,
-    "scoring": ("loglikelihood", "generate"),
-}
+
+@dataclass(frozen=True)
+class SourceKeys:
+    """A task file's ``source:`` section as written."""
+
+    type: Literal["local", "hub", "python"]
+    path: str
+    config: str | None = None
+    split: str | None = None
+    format: str | None = option(None, choices=sources.FORMATS)
+
+
+@dataclass(frozen=True)
+class TaskKeys:
+    """A task file's keys as written (``include:`` resolved; null counts as absent)."""
+
+    name: str
+    metadata: dict[str, Any]
+    source: SourceKeys
+    input_template: str
+    description: str = ""
+    sampling: Sampling = Sampling()
+    label_column: str | None = None
+    label_words: dict[Any, Any] | None = None
+    metric: str = option("accuracy", choices=METRICS.names)
+    target_column: str | None = None
+    scoring: Literal["loglikelihood", "generate"] = "loglikelihood"
+    length_normalized: bool = False
+    target_delimiter: str = " "
+    max_new_tokens: int = option(10, check=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -180,43 +193,13 @@ def load_task(path_or_name: str | Path) -> TaskSpec:
     return task_from_dict(_read(path), origin=str(path), base_dir=path.parent)
 
 
-def _type_problems(data: Mapping[str, Any], spec: dict[str, tuple[type, bool]], where: str):
-    problems = []
-    for key in data:
-        if key not in spec and key != _DIR:
-            hint = did_you_mean(str(key), spec)
-            problems.append(f"unknown key {where}{key!r}.{hint} Allowed: {', '.join(spec)}")
-    for key, (typ, required) in spec.items():
-        value = data.get(key)
-        if value is None:
-            if required:
-                problems.append(f"missing required key {where}{key!r}")
-        elif not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            problems.append(f"{where}{key} must be {typ.__name__}, got {value!r}")
-    return problems
-
-
-def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
-    """``data["a"]["b"]`` for ``"a.b"``, or None where a level is missing or not a mapping."""
-    for part in dotted.split("."):
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(part)  # type: ignore[assignment]
-    return data
-
-
-def _problems(data: dict[str, Any]) -> list[str]:
-    problems = _type_problems(data, _TOP, "")
-    for section, spec in _SECTIONS.items():
-        if isinstance(data.get(section), dict):
-            problems += _type_problems(data[section], spec, f"{section}.")
-    enums = {**_ENUMS, "metric": tuple(METRICS.names())}
-    for dotted, allowed in enums.items():
-        value = _lookup(data, dotted)
-        if value is not None and value not in allowed:
-            hint = did_you_mean(str(value), allowed)
-            problems.append(f"{dotted} must be one of {', '.join(allowed)}, got {value!r}.{hint}")
-    return problems + _consistency_problems(data)
+def _present(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` without null values (and ``source`` without its internal directory key)."""
+    out = {k: v for k, v in data.items() if v is not None and k != _DIR}
+    for section in ("source", "sampling"):
+        if isinstance(out.get(section), Mapping):
+            out[section] = _present(out[section])
+    return out
 
 
 def _consistency_problems(data: dict[str, Any]) -> list[str]:
@@ -248,8 +231,6 @@ def _consistency_problems(data: dict[str, Any]) -> list[str]:
         problems.append("sampling.balance needs label_column")
     if isinstance(sampling, dict) and isinstance(sampling.get("n"), int) and sampling["n"] < 1:
         problems.append(f"sampling.n must be >= 1 (or null for all rows), got {sampling['n']}")
-    if isinstance(data.get("max_new_tokens"), int) and data["max_new_tokens"] < 1:
-        problems.append(f"max_new_tokens must be >= 1, got {data['max_new_tokens']}")
     return problems
 
 
@@ -280,19 +261,23 @@ def task_from_dict(
         {'0': ('no',), '1': ('yes', 'y')}
     """
     data = _with_include(dict(data), Path(base_dir), ())
-    problems = _problems(data)
-    if problems:
+    problems: list[str] = []
+    keys = parse_section(TaskKeys, _present(data), "", problems)
+    problems += _consistency_problems(data)
+    if problems or keys is None:
         raise ConfigError([f"task {origin}: {p}" for p in problems])
-    words, source = data.get("label_words"), dict(data["source"])
-    opts = {k: data[k] for k in _TOP if data.get(k) is not None}
-    for key in ("metadata", "include", "source", "sampling", "label_words"):
-        opts.pop(key, None)
+    opts = {f.name: getattr(keys, f.name) for f in fields(keys)}
+    for key in ("metadata", "source", "label_words"):
+        del opts[key]
+    words = keys.label_words
     return TaskSpec(
-        version=data["metadata"]["version"],
-        metadata=dict(data["metadata"]),
-        source=Source(**{k: v for k, v in source.items() if k != _DIR}, base_dir=source.get(_DIR)),
-        sampling=Sampling(**(data.get("sampling") or {})),
-        label_words=None if words is None else {
-            str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in words.items()},
+        version=keys.metadata["version"],
+        metadata=dict(keys.metadata),
+        source=Source(**asdict(keys.source), base_dir=data["source"].get(_DIR)),
+        label_words=None if words is None else {str(k): _words(v) for k, v in words.items()},
         **opts,
-    )  # fmt: skip
+    )
+
+
+def _words(value: str | list[str]) -> tuple[str, ...]:
+    return tuple(value) if isinstance(value, list) else (value,)

@@ -10,7 +10,7 @@ from starmerge.io.checkpoint import TensorIndex
 from starmerge.io.full import FullFineTune
 from starmerge.io.hashing import hash_files, sha256_file
 from starmerge.io.hub import resolve
-from starmerge.io.writer import (
+from starmerge.io.output_dir import (
     atomic_output_dir,
     check_output_dir,
     copy_model_files,

@@ -28,17 +28,20 @@ _HARMLESS_CONFIGS = set(
     "loftq_config eva_config corda_config lora_ga_config megatron_config runtime_config".split()
 )
 _TENSOR_FEATURES = (  # marker in a tensor key -> feature name
-    ("lora_magnitude_vector", "DoRA"), ("lora_embedding_", "embedding LoRA"),
-    ("modules_to_save", "modules_to_save"), ("trainable_tokens", "trainable tokens"),
-)  # fmt: skip
+    ("lora_magnitude_vector", "DoRA"),
+    ("lora_embedding_", "embedding LoRA"),
+    ("modules_to_save", "modules_to_save"),
+    ("trainable_tokens", "trainable tokens"),
+)
 _FEATURE_FLAGS = {  # config key -> feature name, refused when truthy
-    "use_dora": "DoRA (use_dora: true)", "lora_bias": "LoRA bias (lora_bias: true)",
+    "use_dora": "DoRA (use_dora: true)",
+    "lora_bias": "LoRA bias (lora_bias: true)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "layer_replication": "layer replication (layer_replication)",
     "target_parameters": "LoRA on nn.Parameter (target_parameters)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA (use_qalora: true)",
-}  # fmt: skip
+}
 
 
 def refuse(path: Path, feature: str, fix: str = _MERGE_FIX) -> UnsupportedFeatureError:

@@ -23,7 +23,7 @@ import torch
 
 from starmerge.errors import OutputError
 from starmerge.io.adapter import ADAPTER_CONFIG, PREFIX, pattern_key
-from starmerge.io.writer import write_guard
+from starmerge.io.output_dir import write_guard
 from starmerge.tensors.delta import LowRank
 
 ADAPTER_FILE = "adapter_model.safetensors"

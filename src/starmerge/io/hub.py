@@ -12,7 +12,11 @@ import os
 import re
 from pathlib import Path
 
-from starmerge.errors import InputError
+from starmerge.errors import InputError, short_repr
+
+#: What ``resolve`` downloads of a Hub id: a PEFT adapter, or a model (weights, configs, tokenizer).
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin"]
 
 # Hub repo ids: "org/name", letters, digits, "-", "_", "."; no leading "." or "-", no "..".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -41,8 +45,13 @@ def local_path(path_or_id: str, base_dir: Path | None = None) -> Path | None:
     path = Path(path_or_id).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
-    if not path.exists():
-        return None
+    try:
+        if not path.exists():
+            return None
+    except OSError as exc:  # ENAMETOOLONG and kin: Path.exists() raises them
+        raise InputError(
+            f"cannot use the path {short_repr(path_or_id)}: {exc.strerror}; give a shorter path"
+        ) from None
     path = path.absolute()
     norm = Path(os.path.normpath(path))  # drop "..": only where symlinks do not change its target
     return norm if norm.exists() and os.path.samefile(norm, path) else path

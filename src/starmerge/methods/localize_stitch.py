@@ -39,48 +39,25 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from starmerge.io.statistics import StatsFile
 from starmerge.methods.base import Merged, Param, in_range, optional, register_method
 from starmerge.methods.contract import DataRequest
 from starmerge.methods.fisher_regmean import stack_taus
-from starmerge.methods.statistics import require_statistics, statistics_param
+from starmerge.methods.localize_stitch_fit import (
+    LSFitter,
+    LSParam,
+    in_parameter_set,
+    resolve_sparsity,
+    top_k_masks,
+)
+from starmerge.methods.statistics import statistics_param
 from starmerge.tensors.delta import Delta, Dense
-from starmerge.tensors.sparsify import RadixSelect, keep_count, kth_largest_abs
-
-BLOCK = re.compile(r"(^|\.)(layers|layer|h|block|blocks)\.\d+\.")
-DEFAULT_SPARSITY = {"dataless": 0.05, "trained": 0.01}
-
-
-def in_parameter_set(key: str, parameter_set: str) -> bool:
-    """Whether parameter ``key`` is in P.
-
-    Example:
-        >>> in_parameter_set("model.embed_tokens.weight", "blocks")
-        False
-    """
-    return parameter_set == "all" or BLOCK.search(key) is not None
-
-
-def resolve_sparsity(mode: str, sparsity: float | None) -> float:
-    """The given sparsity, or the mode's default (dataless 0.05, trained 0.01)."""
-    return DEFAULT_SPARSITY[mode] if sparsity is None else sparsity
-
-
-def top_k_masks(taus: Tensor, thresholds: Sequence[float | None]) -> Tensor:
-    """gamma_i = (|tau_i| >= t_i) & (tau_i != 0) for ``taus`` ``(T, ...)``; None keeps nothing."""
-    masks = [
-        torch.zeros_like(t, dtype=torch.bool) if thr is None else (t.abs() >= thr) & (t != 0)
-        for t, thr in zip(taus, thresholds, strict=True)
-    ]
-    return torch.stack(masks)
+from starmerge.tensors.sparsify import keep_count, kth_largest_abs
 
 
 def stitch(taus: Tensor, masks: Tensor) -> Tensor:
@@ -88,120 +65,6 @@ def stitch(taus: Tensor, masks: Tensor) -> Tensor:
     count = masks.sum(dim=0)
     total = torch.where(masks, taus, torch.zeros_like(taus)).sum(dim=0)
     return total / count.clamp(min=1).to(taus.dtype)
-
-
-@dataclass(frozen=True)
-class LSParam:
-    """What the method needs for one parameter: whether it is in P, and its masks' source."""
-
-    in_set: bool
-    thresholds: tuple[float | None, ...] | None = None
-    masks: list[Tensor] | None = None
-
-
-@dataclass(frozen=True)
-class LSState:
-    """Fitted Localize-and-Stitch state: thresholds (dataless) or mask files (trained)."""
-
-    mode: str
-    parameter_set: str
-    thresholds: tuple[float | None, ...] | None
-    files: tuple[StatsFile, ...] | None
-    counts: dict[str, Any] = field(default_factory=dict)
-
-    def at(self, key: str) -> LSParam:
-        """The parameter's membership in P and its thresholds or stored masks."""
-        if not in_parameter_set(key, self.parameter_set):
-            return LSParam(False)
-        if self.files is None:
-            return LSParam(True, thresholds=self.thresholds)
-        return LSParam(True, masks=[f.get(f"{key}::mask") for f in self.files])
-
-    def summary(self) -> dict[str, Any]:
-        """Per-task sparsity (kept / entries in P) and the overlap fraction of the masks."""
-        kept, total = self.counts.get("kept", []), self.counts.get("total", [])
-        union = self.counts.get("union", 0)
-        return {
-            "mode": self.mode, "parameter_set": self.parameter_set,
-            "thresholds": None if self.thresholds is None else list(self.thresholds),
-            "kept": kept, "total": total,
-            "sparsity": [k / n if n else 0.0 for k, n in zip(kept, total, strict=True)],
-            "union": union, "overlap": self.counts.get("overlap", 0),
-            "overlap_fraction": self.counts.get("overlap", 0) / union if union else 0.0,
-        }  # fmt: skip
-
-
-class LSFitter:
-    """Dataless: radix-select passes for each task's global threshold, then a counting pass.
-
-    Trained: one counting pass over the stored masks (``statistics``: one opened mask file per
-    task). ``params``: the resolved parameters (``mode``, ``parameter_set``, ``sparsity``).
-    """
-
-    def __init__(
-        self, n_tasks: int, *, statistics: Sequence[StatsFile] | None = None, **params: Any
-    ):
-        self.mode, self.pset = params.get("mode", "dataless"), params.get("parameter_set", "blocks")
-        self.sparsity = resolve_sparsity(self.mode, params.get("sparsity"))
-        self.files = None
-        if self.mode == "trained":
-            need = "mode 'trained' (masks trained on task data)"
-            self.files = require_statistics("localize_stitch", statistics, n_tasks, need)
-        self.selects = [RadixSelect() for _ in range(n_tasks)]
-        self.phase = "count" if self.files else "high"
-        self.thresholds: tuple[float | None, ...] | None = None
-        self.counts = {"kept": [0] * n_tasks, "total": [0] * n_tasks, "union": 0, "overlap": 0}
-
-    def observe(self, key: str, deltas: Sequence[Delta | None]) -> None:
-        """Histogram (dataless passes 1-2) or count masks (last pass) for a parameter in P."""
-        if not in_parameter_set(key, self.pset):
-            return
-        if self.phase == "count":
-            self._count(key, deltas)
-            return
-        for sel, d in zip(self.selects, deltas, strict=True):
-            if d is not None:
-                x = d.to_dense(torch.float32)
-                sel.add_high(x) if self.phase == "high" else sel.add_low(x)
-
-    def _count(self, key: str, deltas: Sequence[Delta | None]) -> None:
-        present = [i for i, d in enumerate(deltas) if d is not None]
-        if not present:
-            return
-        first = deltas[present[0]].to_dense(torch.float32)  # type: ignore[union-attr]
-        taus = torch.stack([torch.zeros_like(first) if d is None else d.to_dense(torch.float32)
-                            for d in deltas])  # fmt: skip
-        if self.files is None:
-            masks = top_k_masks(taus, self.thresholds or ())
-        else:
-            stored = torch.stack([f.get(f"{key}::mask").to(taus.device) for f in self.files])
-            masks = stored & (taus != 0)
-        for i in present:
-            self.counts["kept"][i] += int(masks[i].sum())
-            self.counts["total"][i] += masks[i].numel()
-        on = masks.sum(dim=0)
-        self.counts["union"] += int((on >= 1).sum())
-        self.counts["overlap"] += int((on >= 2).sum())
-
-    def end_pass(self) -> bool:
-        """Advance high -> (low) -> count; True while another pass is needed."""
-        if self.phase == "high":
-            for sel in self.selects:
-                sel.finish_high(keep_count(self.sparsity, sel.n))
-            self.phase = "low" if any(s.needs_low_pass for s in self.selects) else "count"
-        elif self.phase == "low":
-            for sel in self.selects:
-                sel.finish_low()
-            self.phase = "count"
-        else:
-            return False
-        if self.phase == "count":
-            self.thresholds = tuple(s.threshold for s in self.selects)
-        return True
-
-    def state(self) -> LSState:
-        """The thresholds or mask files, with the mask counts."""
-        return LSState(self.mode, self.pset, self.thresholds, self.files, self.counts)
 
 
 def _data(params: Mapping[str, Any]) -> DataRequest | None:
@@ -255,7 +118,7 @@ def _data(params: Mapping[str, Any]) -> DataRequest | None:
         "l1": Param(10.0, "trained: L1 strength", in_range(0, float("inf"), lo_open=False)),
         "sigmoid_bias": Param(5.0, "trained: b, initial logits +b / -b", in_range(0, 1e3)),
         "statistics": statistics_param("trained: precomputed masks, one file per task"),
-    },  # fmt: skip
+    },
     data=_data,
 )
 def localize_stitch(
@@ -285,8 +148,11 @@ def localize_stitch(
     taus = stack_taus(deltas)  # (T, ...)
     if state is not None and not state.in_set:
         masks = torch.zeros_like(taus, dtype=torch.bool)
-        return Merged(Dense(torch.zeros_like(taus[0]).to(out_dtype)), {"in_set": False},
-                      {"masks": masks.cpu()})  # fmt: skip
+        return Merged(
+            Dense(torch.zeros_like(taus[0]).to(out_dtype)),
+            {"in_set": False},
+            {"masks": masks.cpu()},
+        )
     if state is not None and state.masks is not None:
         masks = torch.stack([m.to(taus.device) for m in state.masks]) & (taus != 0)
     else:
@@ -298,6 +164,10 @@ def localize_stitch(
         masks = top_k_masks(taus, thresholds)
     merged = stitch(taus, masks)
     on = masks.sum(dim=0)
-    stats = {"in_set": True, "kept": [int(m.sum()) for m in masks], "numel": taus[0].numel(),
-             "overlap": int((on >= 2).sum())}  # fmt: skip
+    stats = {
+        "in_set": True,
+        "kept": [int(m.sum()) for m in masks],
+        "numel": taus[0].numel(),
+        "overlap": int((on >= 2).sum()),
+    }
     return Merged(Dense(merged.to(out_dtype)), stats, {"masks": masks.cpu()})

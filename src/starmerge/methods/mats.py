@@ -150,7 +150,7 @@ def _operator(
         "init_scaling": Param(0.3, "CG init = init_scaling * sum of task deltas", factor_range()),
         "shrinkage": Param(1.0, "lambda: scale of the Grams' off-diagonal entries", in_range(0, 1)),
         "precision": Param("float32", "CG arithmetic", choices=("float32", "float64")),
-    },  # fmt: skip
+    },
     accepts=("dense",),
     fit=_fit,
     paper="https://arxiv.org/abs/2312.04339",
@@ -199,10 +199,12 @@ def mats(
         tensor([0.5000, 0.5000])
     """
     if objective != "average" and state is None:
-        raise ConfigError([
-            f"mats: objective {objective!r} needs statistics; add a `data:` section to the "
-            "config or pass parameters.statistics (one statistics file per task)"
-        ])  # fmt: skip
+        raise ConfigError(
+            [
+                f"mats: objective {objective!r} needs statistics; add a `data:` section to the "
+                "config or pass parameters.statistics (one statistics file per task)"
+            ]
+        )
     out_dtype = deltas[0].dtype
     taus = stack_taus(deltas, getattr(torch, precision))  # (T, ...)
     op = _operator(objective, state or {}, taus, shrinkage)

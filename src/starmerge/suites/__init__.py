@@ -27,22 +27,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from starmerge.errors import ConfigError, UnknownNameError, did_you_mean
+from starmerge.eval.tasks import load_task
+from starmerge.suites.suite_file import TRAIN_KEYS, check_suite
 from starmerge.yaml_io import load_yaml
 
 SUITES_DIR = Path(__file__).parent
-_KEYS = {
-    "name", "description", "version", "include", "base_model", "model_class", "dtype",
-    "batch_size", "chat_template", "template_kwargs", "info", "tasks", "seed_tables", "train",
-}  # fmt: skip
-_TASK_KEYS = {"file", "adapter", "model", "data_mb", "train"}
-#: What a ``train:`` mapping may override in the task's source (see :attr:`SuiteTask.train`).
-TRAIN_KEYS = ("path", "config", "split", "revision", "transform")
-MODEL_CLASSES = ("seq2seq", "causal")
 
 
 @dataclass(frozen=True)
@@ -117,21 +111,27 @@ class Suite:
 
     def fingerprint(self, tasks: list[str] | tuple[str, ...]) -> dict[str, Any]:
         """What defines results on ``tasks``: model, loading, task models and task files."""
+        per_task = {
+            t: {
+                "adapter": self.task(t).adapter,
+                "model": self.task(t).model,
+                "spec": spec_hash(self.task(t).spec()),
+            }
+            for t in sorted(tasks)
+        }
         return {
-            "suite": self.name, "version": self.version, "base_model": self.base_model,
-            "model_class": self.model_class, "chat_template": self.chat_template,
+            "suite": self.name,
+            "version": self.version,
+            "base_model": self.base_model,
+            "model_class": self.model_class,
+            "chat_template": self.chat_template,
             "template_kwargs": self.template_kwargs,
-            "tasks": {t: {"adapter": self.task(t).adapter, "model": self.task(t).model,
-                          "spec": spec_hash(self.task(t).spec())} for t in sorted(tasks)},
-        }  # fmt: skip
+            "tasks": per_task,
+        }
 
 
 @functools.lru_cache(maxsize=512)
 def _load_spec(file: Path, name: str, mtime_ns: int) -> Any:
-    from dataclasses import replace
-
-    from starmerge.eval.tasks import load_task
-
     return replace(load_task(file), name=name)
 
 
@@ -207,50 +207,6 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return {**parent, **data, "tasks": merged_tasks}
 
 
-def _problems(data: dict[str, Any]) -> list[str]:
-    problems = [f"unknown key {k!r}.{did_you_mean(str(k), _KEYS)}" for k in data if k not in _KEYS]
-    for key in ("name", "base_model"):
-        if not isinstance(data.get(key), str):
-            problems.append(f"{key} must be a string, got {data.get(key)!r}")
-    if data.get("model_class") not in MODEL_CLASSES:
-        problems.append(
-            f"model_class must be one of {MODEL_CLASSES}, got {data.get('model_class')!r}"
-        )
-    tasks = data.get("tasks")
-    if not isinstance(tasks, dict) or not tasks:
-        return [
-            *problems,
-            "tasks must be a non-empty mapping of task name -> {file, adapter|model}",
-        ]
-    for name, entry in tasks.items():
-        entry = entry or {}
-        bad = [k for k in entry if k not in _TASK_KEYS]
-        if bad:
-            problems.append(f"task {name}: unknown key(s) {bad}; allowed: {sorted(_TASK_KEYS)}")
-        if not entry.get("file"):
-            problems.append(f"task {name}: missing 'file' (its eval task YAML)")
-        elif not Path(entry["file"]).is_file():
-            problems.append(f"task {name}: task file {entry['file']} does not exist")
-        if bool(entry.get("adapter")) == bool(entry.get("model")):
-            problems.append(f"task {name}: give exactly one of 'adapter' or 'model'")
-        problems += _train_problems(entry.get("train"), f"task {name}: train")
-    problems += _train_problems(data.get("train"), "train")
-    for table in data.get("seed_tables") or []:
-        unknown = [t for t in table.get("tasks", []) if t not in tasks]
-        if unknown:
-            problems.append(f"seed table {table.get('name')!r}: unknown task(s) {unknown}")
-    return problems
-
-
-def _train_problems(value: Any, where: str) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, dict):
-        return [f"{where} must be a mapping of {', '.join(TRAIN_KEYS)}, got {value!r}"]
-    return [f"{where}: unknown key {k!r}.{did_you_mean(str(k), TRAIN_KEYS)} Allowed: "
-            f"{', '.join(TRAIN_KEYS)}" for k in value if k not in TRAIN_KEYS]  # fmt: skip
-
-
 def _train(default: dict[str, Any] | None, entry: dict[str, Any] | None) -> dict | None:
     """The suite's ``train:`` with the task's own keys over it (None when neither has one)."""
     if default is None and entry is None:
@@ -267,25 +223,34 @@ def load_suite(ref: str | Path) -> Suite:
     """
     path = _find(ref)
     data = _read(path)
-    problems = _problems(data)
-    if problems:
+    keys, problems = check_suite(data)
+    if problems or keys is None:
         raise ConfigError([f"suite {path}: {p}" for p in problems])
     tasks = {
-        str(name): SuiteTask(str(name), Path(e["file"]), e.get("adapter"), e.get("model"),
-                             e.get("data_mb"), _train(data.get("train"), e.get("train")))
+        str(name): SuiteTask(
+            str(name),
+            Path(e["file"]),
+            e.get("adapter"),
+            e.get("model"),
+            e.get("data_mb"),
+            _train(data.get("train"), e.get("train")),
+        )
         for name, e in data["tasks"].items()
-    }  # fmt: skip
+    }
     tables = tuple(
         SeedTable(t["name"], tuple(t["tasks"]), dict(t.get("rows") or {}), t.get("note", ""))
-        for t in data.get("seed_tables") or []
+        for t in keys.seed_tables
     )
-    keys = ("version", "description", "dtype", "batch_size", "chat_template", "template_kwargs",
-            "info")  # fmt: skip
-    opts = {k: data[k] for k in keys if k in data}
-    return Suite(
-        name=data["name"], base_model=data["base_model"], model_class=data["model_class"],
-        tasks=tasks, path=path.resolve(), seed_tables=tables, **opts,
-    )  # fmt: skip
+    opts = {k: v for k, v in asdict(keys).items() if k not in ("tasks", "seed_tables", "train")}
+    return Suite(**opts, tasks=tasks, path=path.resolve(), seed_tables=tables)
 
 
-__all__ = ["SeedTable", "Suite", "SuiteTask", "list_suites", "load_suite", "spec_hash"]
+__all__ = [
+    "TRAIN_KEYS",
+    "SeedTable",
+    "Suite",
+    "SuiteTask",
+    "list_suites",
+    "load_suite",
+    "spec_hash",
+]

@@ -25,7 +25,7 @@ from starmerge.errors import InputError
 from starmerge.eval.backends import CausalLMBackend, Seq2SeqBackend
 from starmerge.io.adapter import load_adapter
 from starmerge.io.checkpoint import TensorIndex
-from starmerge.io.hub import looks_like_hub_id, resolve
+from starmerge.io.hub import ADAPTER_PATTERNS, looks_like_hub_id, resolve
 from starmerge.suites import Suite, SuiteTask
 from starmerge.tensors.delta import Delta, Dense, LowRank
 
@@ -33,7 +33,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FULL_KEYS = ("qv", "changed")
 # The seed differences exactly the q and v weights of every attention block (T5: q, v).
 QV_KEY = re.compile(r"\.(q|v|q_proj|v_proj)\.weight$")
-_ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 
 
 def resolve_device(device: str) -> str:
@@ -97,7 +96,7 @@ def task_vector(suite: Suite, task: SuiteTask, full_keys: str = "qv") -> dict[st
     """
     if task.adapter:
         path = resolve(
-            task.adapter, what=f"adapter of task {task.name}", allow_patterns=_ADAPTER_FILES
+            task.adapter, what=f"adapter of task {task.name}", allow_patterns=ADAPTER_PATTERNS
         )
         adapter = load_adapter(path)
         return {key: adapter.get(key) for key in adapter.keys()}

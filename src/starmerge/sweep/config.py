@@ -30,17 +30,49 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from starmerge.errors import ConfigError, StarmergeError, did_you_mean
+from starmerge.errors import ConfigError, StarmergeError, short_repr
+from starmerge.schema import at_least, option, parse_section
 from starmerge.suites import Suite, load_suite
 from starmerge.sweep.jobs import DataOptions, Job, RunOptions, bound_jobs, merge_job
 from starmerge.yaml_io import load_yaml
 
-_TOP = ("suite", "methods", "tasks", "search", "bounds", "options", "data")
-_TASKS = ("all", "sets", "sizes", "combinations", "pool", "seed")
-_SEARCH = ("mode", "samples", "seed")
-_OPTIONS = ("dtype", "full_keys", "limit")
+
+@dataclass(frozen=True)
+class SweepKeys:
+    """The top level of a sweep file as written (see the module docstring)."""
+
+    suite: str = option(fix="name a built-in suite or a suite file")
+    methods: dict[str, Any] = option(
+        factory=dict, expect="a mapping of method names to parameter grids"
+    )
+    tasks: dict[str, Any] = option(factory=dict)
+    search: dict[str, Any] = option(factory=dict)
+    bounds: bool = True
+    options: dict[str, Any] = option(factory=dict)
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TaskSelection:
+    """``tasks:``: the full task set, explicit sets, or random subsets of given sizes."""
+
+    all: bool | None = None
+    sets: list[list[str]] = option(factory=list)
+    sizes: list[int] = option(factory=list)
+    combinations: int = option(5, check=at_least(1))
+    pool: list[str] | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Search:
+    """``search:``: every combination (``grid``) or ``samples`` random ones."""
+
+    mode: Literal["grid", "random"] = "grid"
+    samples: int = option(10, check=at_least(1))
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,14 +84,6 @@ class Sweep:
     options: RunOptions
     task_sets: list[tuple[str, ...]] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
-
-
-def _unknown(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> list[str]:
-    return [
-        f"unknown key {where}{k!r}.{did_you_mean(str(k), allowed)} Allowed: {', '.join(allowed)}"
-        for k in data
-        if k not in allowed
-    ]
 
 
 def random_subsets(
@@ -83,19 +107,16 @@ def random_subsets(
     return out
 
 
-def _task_sets(suite: Suite, spec: Mapping[str, Any], problems: list[str]) -> list[tuple[str, ...]]:
-    problems += _unknown(spec, _TASKS, "tasks.")
-    pool = list(spec.get("pool") or suite.tasks)
-    sets = [tuple(sorted(s)) for s in spec.get("sets") or []]
-    if spec.get("all", not sets and not spec.get("sizes")):
+def _task_sets(suite: Suite, spec: TaskSelection, problems: list[str]) -> list[tuple[str, ...]]:
+    pool = list(spec.pool or suite.tasks)
+    sets = [tuple(sorted(s)) for s in spec.sets]
+    if spec.all if spec.all is not None else not sets and not spec.sizes:
         sets.append(tuple(sorted(pool)))
-    sizes = list(spec.get("sizes") or [])
-    too_big = [s for s in sizes if not 2 <= s <= len(pool)]
+    too_big = [s for s in spec.sizes if not 2 <= s <= len(pool)]
     if too_big:
         problems.append(f"tasks.sizes must be between 2 and {len(pool)} (the pool), got {too_big}")
     else:
-        combos = int(spec.get("combinations", 5))
-        sets += random_subsets(pool, sizes, combos, int(spec.get("seed", 0)))
+        sets += random_subsets(pool, spec.sizes, spec.combinations, spec.seed)
     for s in sets:
         unknown = [t for t in s if t not in suite.tasks]
         if unknown:
@@ -110,7 +131,9 @@ def _method_grid(methods: Mapping[str, Any], problems: list[str]) -> list[tuple[
     for name, params in methods.items():
         params = params or {}
         if not isinstance(params, dict):
-            problems.append(f"methods.{name} must be a mapping of parameters, got {params!r}")
+            problems.append(
+                f"methods.{name} must be a mapping of parameters, got {short_repr(params)}"
+            )
             continue
         axes = {k: v if isinstance(v, list) else [v] for k, v in params.items()}
         for values in itertools.product(*axes.values()):
@@ -118,25 +141,16 @@ def _method_grid(methods: Mapping[str, Any], problems: list[str]) -> list[tuple[
     return out
 
 
-def _data(data: Mapping[str, Any], problems: list[str]) -> DataOptions:
+def _jobs(search: Search, combos: list, data: Any, problems: list[str]) -> list[Job]:
+    if search.mode == "random":
+        rng = random.Random(search.seed)
+        combos = rng.sample(combos, min(search.samples, len(combos)))
     try:
-        return DataOptions.from_mapping(data.get("data"))
+        options = DataOptions.from_mapping(data)
     except ConfigError as err:
         problems += err.problems
-        return DataOptions()
-
-
-def _jobs(data: Mapping[str, Any], sets: list, grid: list, problems: list[str]) -> list[Job]:
-    combos = [(m, p, s) for m, p in grid for s in sets]
-    search = data.get("search") or {}
-    problems += _unknown(search, _SEARCH, "search.")
-    mode = search.get("mode", "grid")
-    if mode == "random":
-        n = int(search.get("samples", 10))
-        combos = random.Random(int(search.get("seed", 0))).sample(combos, min(n, len(combos)))
-    elif mode != "grid":
-        problems.append(f"search.mode must be grid or random, got {mode!r}")
-    jobs, options = [], _data(data, problems)
+        options = DataOptions()
+    jobs = []
     for method, params, tasks in combos:
         try:
             jobs.append(merge_job(method, params, tasks, options))
@@ -151,25 +165,25 @@ def sweep_from_dict(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Swee
     Raises:
         ConfigError: Every problem at once.
     """
-    problems = _unknown(data, _TOP, "")
-    if not data.get("suite"):
-        raise ConfigError([*problems, "missing 'suite' (a built-in suite name or a suite file)"])
-    ref = str(data["suite"])
-    suite = load_suite(base_dir / ref if (base_dir / ref).exists() else ref)
-    methods = data.get("methods") or {}
-    if not isinstance(methods, dict) or not methods:
+    problems: list[str] = []
+    keys = parse_section(SweepKeys, {k: v for k, v in data.items() if v is not None}, "", problems)
+    if keys is None:
+        raise ConfigError(problems)
+    suite = load_suite(base_dir / keys.suite if (base_dir / keys.suite).exists() else keys.suite)
+    if not keys.methods:
         problems.append(
             "methods must map method names to parameter grids, e.g. {star: {eta: [20, 40]}}"
         )
-        methods = {}
-    sets = _task_sets(suite, data.get("tasks") or {}, problems)
-    jobs = _jobs(data, sets, _method_grid(methods, problems), problems)
-    opts = data.get("options") or {}
-    problems += _unknown(opts, _OPTIONS, "options.")
+    selection = parse_section(TaskSelection, keys.tasks, "tasks", problems)
+    sets = _task_sets(suite, selection, problems) if selection is not None else []
+    grid = _method_grid(keys.methods, problems)
+    search = parse_section(Search, keys.search, "search", problems)
+    combos = [(m, p, s) for m, p in grid for s in sets]
+    jobs = _jobs(search, combos, keys.data, problems) if search is not None else []
+    options = parse_section(RunOptions, keys.options, "options", problems)
     if problems:
         raise ConfigError(problems)
-    options = RunOptions(**{k: opts[k] for k in _OPTIONS if k in opts})
-    if data.get("bounds", True):
+    if keys.bounds:
         used = sorted({t for job in jobs for t in job.tasks})
         jobs = bound_jobs(used) + jobs
     return Sweep(suite, jobs, options, sets, dict(data))

@@ -81,11 +81,11 @@ def _ray_job(
     suite_ref: str, options: dict[str, Any], runtime: dict[str, Any], job: dict[str, Any], key: str
 ) -> dict[str, Any]:
     """A Ray task: run one job in this worker's (cached) workbench and return its record."""
-    cache_key = json.dumps([suite_ref, options, runtime], sort_keys=True)
-    if cache_key not in _BENCHES:
+    bench_key = json.dumps([suite_ref, options, runtime], sort_keys=True)
+    if bench_key not in _BENCHES:
         suite = load_suite(suite_ref)
-        _BENCHES[cache_key] = Workbench(suite, RunOptions(**options), Runtime(**runtime))
-    return _BENCHES[cache_key].run(Job.from_dict(job), key)
+        _BENCHES[bench_key] = Workbench(suite, RunOptions(**options), Runtime(**runtime))
+    return _BENCHES[bench_key].run(Job.from_dict(job), key)
 
 
 def _import_ray() -> Any:

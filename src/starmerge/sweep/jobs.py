@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from starmerge.errors import ConfigError
+from starmerge.methods import METHODS
+from starmerge.schema import at_least, count, option, parse_section
 from starmerge.suites import Suite
 
 SCHEMA = 1
@@ -37,8 +39,12 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the part of the key that is the job; ``data`` only when there is some)."""
-        out = {"kind": self.kind, "tasks": list(self.tasks), "method": self.method,
-               "params": dict(sorted(self.params.items()))}  # fmt: skip
+        out = {
+            "kind": self.kind,
+            "tasks": list(self.tasks),
+            "method": self.method,
+            "params": dict(sorted(self.params.items())),
+        }
         if self.data is not None:
             out["data"] = dict(sorted(self.data.items()))
         return out
@@ -47,8 +53,8 @@ class Job:
     def from_dict(cls, data: Mapping[str, Any]) -> Job:
         """Inverse of :meth:`to_dict`."""
         extra = data.get("data")
-        return cls(data["kind"], tuple(data["tasks"]), data.get("method"), dict(data["params"]),
-                   None if extra is None else dict(extra))  # fmt: skip
+        params, extra = dict(data["params"]), None if extra is None else dict(extra)
+        return cls(data["kind"], tuple(data["tasks"]), data.get("method"), params, extra)
 
     @property
     def label(self) -> str:
@@ -74,10 +80,10 @@ class DataOptions:
         max_length: Tokens per example (the prompt is cut from the left).
     """
 
-    n_examples: int = 32
-    seed: int = 0
-    batch_size: int = 8
-    max_length: int = 512
+    n_examples: int = count(32, 1)
+    seed: int = count(0, 0)
+    batch_size: int = count(8, 1)
+    max_length: int = count(512, 1)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, where: str = "data") -> DataOptions:
@@ -86,21 +92,11 @@ class DataOptions:
         Raises:
             ConfigError: Unknown keys, or values that are not positive integers (seed: >= 0).
         """
-        from dataclasses import fields
-
-        from starmerge.errors import did_you_mean
-
-        data = dict(data or {})
-        names = [f.name for f in fields(cls)]
-        problems = [f"unknown key {where}.{k}.{did_you_mean(str(k), names)} Allowed: "
-                    f"{', '.join(names)}" for k in data if k not in names]  # fmt: skip
-        for name in (n for n in names if n in data):
-            value, low = data[name], 0 if name == "seed" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                problems.append(f"{where}.{name} must be an integer >= {low}, got {value!r}")
+        problems: list[str] = []
+        options = parse_section(cls, dict(data or {}), where, problems)
         if problems:
             raise ConfigError(problems)
-        return cls(**{k: data[k] for k in names if k in data})
+        return options
 
 
 @dataclass(frozen=True)
@@ -118,7 +114,7 @@ class RunOptions:
 
     dtype: str | None = None
     full_keys: str = "qv"
-    limit: int | None = None
+    limit: int | None = option(None, check=at_least(1), expect="an integer >= 1")
 
     def resolved(self, suite: Suite) -> RunOptions:
         """These options with the suite's defaults filled in."""
@@ -168,15 +164,17 @@ def merge_job(
         ConfigError: Unknown method or parameters, ``statistics`` given (they are collected
             from the suite's training data), or fewer than two tasks.
     """
-    from starmerge.methods import METHODS
-
     tasks = tuple(sorted(set(tasks)))
     if len(tasks) < 2:
         raise ConfigError([f"a merge needs at least two tasks, got {list(tasks)}"])
     spec = METHODS.get(method)
     if params.get("statistics") is not None:
-        raise ConfigError([f"{method}: statistics are collected from the suite's training data "
-                           "in sweeps; remove the statistics parameter"])  # fmt: skip
+        raise ConfigError(
+            [
+                f"{method}: statistics are collected from the suite's training data in sweeps; "
+                "remove the statistics parameter"
+            ]
+        )
     resolved = spec.resolve(dict(params))
     for name, value in resolved.items():  # eta: 40 and eta: 40.0 are one job (and one key)
         if isinstance(spec.all_params[name].default, float) and type(value) is int:
@@ -189,7 +187,7 @@ def merge_job(
 def job_key(suite: Suite, job: Job, options: RunOptions) -> str:
     """20 hex digits of sha256 over the job, its tasks' models and files, and the options."""
     opts = options.resolved(suite)
-    blob = {"schema": SCHEMA, "job": job.to_dict(), "suite": suite.fingerprint(job.tasks),
-            "options": asdict(opts)}  # fmt: skip
+    fingerprint = suite.fingerprint(job.tasks)
+    blob = {"schema": SCHEMA, "job": job.to_dict(), "suite": fingerprint, "options": asdict(opts)}
     text = json.dumps(blob, sort_keys=True, default=str).encode()
     return hashlib.sha256(text).hexdigest()[:20]

@@ -8,8 +8,8 @@ registry entry declares the merge as the mean or sum of a per-task transform: ST
 averaging, task arithmetic), each task's transform per method and parameters: a merge of any
 task set is then the combination of cached parts (exact in factor space for STAR), so an
 ``eta`` sweep over many task subsets does each task's spectral work once. Data-driven merges get
-each task's statistics (or trained masks) from :class:`~starmerge.sweep.data.TaskData`, cached on
-disk across jobs, runs and workers.
+each task's statistics (or trained masks) from :class:`~starmerge.sweep.data.SuiteStatistics`,
+cached on disk across jobs, runs and workers.
 """
 
 from __future__ import annotations
@@ -18,15 +18,26 @@ import json
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from starmerge.api import merge_deltas
+from starmerge.eval.results import library_versions
 from starmerge.methods import METHODS
 from starmerge.pipeline import Part, combine_tasks, transform_task
 from starmerge.suites import Suite
-from starmerge.sweep.data import TaskData
+from starmerge.suites.data import build_examples, load_task_rows
+from starmerge.suites.models import (
+    apply_deltas,
+    load_base,
+    make_backend,
+    resolve_device,
+    task_vector,
+)
+from starmerge.suites.scoring import evaluate_suite_task
+from starmerge.sweep.data import SuiteStatistics
 from starmerge.sweep.jobs import SCHEMA, Job, RunOptions, Runtime, job_key
 from starmerge.tensors.delta import Delta
 
@@ -51,8 +62,6 @@ class Workbench:
     """
 
     def __init__(self, suite: Suite, options: RunOptions, runtime: Runtime):
-        from starmerge.suites.models import resolve_device
-
         self.suite = suite
         self.options = options.resolved(suite)
         self.runtime = runtime
@@ -64,14 +73,12 @@ class Workbench:
         self._examples: dict[str, tuple[Any, list[Any], dict[str, Any]]] = {}
         self._vectors: dict[str, dict[str, Delta]] = {}
         self._parts: dict[tuple[str, str, str], dict[str, Part]] = {}
-        self.data = TaskData(suite, self.options, runtime)
+        self.data = SuiteStatistics(suite, self.options, runtime)
 
     @property
     def backend(self) -> Any:
         """The evaluation backend around the base model (loaded on first use, once)."""
         if self._backend is None:
-            from starmerge.suites.models import load_base, make_backend
-
             model, tokenizer = load_base(self.suite, str(self.options.dtype), self.device)
             self.model_loads += 1
             batch = self.runtime.batch_size or self.suite.batch_size
@@ -81,10 +88,6 @@ class Workbench:
     def examples(self, task: str) -> tuple[Any, list[Any], dict[str, Any]]:
         """The task's spec, sampled examples and notes (cached)."""
         if task not in self._examples:
-            from pathlib import Path
-
-            from starmerge.suites.data import build_examples, load_task_rows
-
             spec = self.suite.task(task).spec()
             data_dir = Path(self.runtime.data_dir) if self.runtime.data_dir else None
             rows = load_task_rows(spec, data_dir)
@@ -94,8 +97,6 @@ class Workbench:
     def task_vector(self, task: str) -> dict[str, Delta]:
         """The task's delta per parameter key (cached)."""
         if task not in self._vectors:
-            from starmerge.suites.models import task_vector
-
             self._vectors[task] = task_vector(
                 self.suite, self.suite.task(task), self.options.full_keys
             )
@@ -134,7 +135,7 @@ class Workbench:
             merged = merge_deltas(job.method or "", vectors, job.params, device=self.device)
             return merged.deltas, merged.stats
         by_task = dict(zip(job.tasks, vectors, strict=True))
-        paths, used = self.data.prepare(self.backend, job, by_task)
+        paths, used = self.data.entries(self.backend, job, by_task)
         params = {**job.params, "statistics": [str(p) for p in paths]}
         merged = merge_deltas(job.method or "", vectors, params, device=self.device)
         state = dict(merged.stats.get("state") or {})
@@ -144,10 +145,6 @@ class Workbench:
 
     def run(self, job: Job, key: str | None = None) -> dict[str, Any]:
         """Build, apply, evaluate and restore; the job's record for the results store."""
-        from starmerge.eval.results import library_versions
-        from starmerge.suites.models import apply_deltas
-        from starmerge.suites.scoring import evaluate_suite_task
-
         start = time.perf_counter()
         backend = self.backend
         deltas, stats = self.deltas(job)
@@ -157,14 +154,25 @@ class Workbench:
                 spec, examples, notes = self.examples(task)
                 torch.manual_seed(0)
                 res = evaluate_suite_task(backend, spec, examples)
-                results[task] = {"metric": res.metric, "score": res.score, "n": res.n,
-                                 "version": spec.version, **notes,
-                                 "predictions": _slim(res.predictions)}  # fmt: skip
+                results[task] = {
+                    "metric": res.metric,
+                    "score": res.score,
+                    "n": res.n,
+                    "version": spec.version,
+                    **notes,
+                    "predictions": _slim(res.predictions),
+                }
         return {
-            "key": key or job_key(self.suite, job, self.options), "schema": SCHEMA,
-            "suite": self.suite.name, "job": job.to_dict(), "options": asdict(self.options),
-            "fingerprint": self.suite.fingerprint(job.tasks), "results": results,
-            "merge_stats": stats, "wall_s": round(time.perf_counter() - start, 3),
-            "device": self.device, "versions": library_versions(),
+            "key": key or job_key(self.suite, job, self.options),
+            "schema": SCHEMA,
+            "suite": self.suite.name,
+            "job": job.to_dict(),
+            "options": asdict(self.options),
+            "fingerprint": self.suite.fingerprint(job.tasks),
+            "results": results,
+            "merge_stats": stats,
+            "wall_s": round(time.perf_counter() - start, 3),
+            "device": self.device,
+            "versions": library_versions(),
             "created": datetime.now(timezone.utc).isoformat(),
-        }  # fmt: skip
+        }

@@ -46,3 +46,20 @@ def sq_frobenius(delta: Delta) -> float:
     gram_b = b.T @ b  # (r, r)
     gram_a = a @ a.T  # (r, r)
     return float(delta.scale) ** 2 * float((gram_b * gram_a).sum())
+
+
+def truncated_svd(x: torch.Tensor, rank: int) -> tuple[LowRank, float]:
+    """The best rank-``rank`` approximation of matrix ``x`` ``(m, n)``, and the energy it keeps.
+
+    Energy: the kept fraction of ``sum(s^2)`` (1.0 for a zero matrix). Computed in float32.
+
+    Example:
+        >>> low, energy = truncated_svd(torch.diag(torch.tensor([3.0, 1.0])), 1)
+        >>> low.rank, round(energy, 2)
+        (1, 0.9)
+    """
+    u, s, vh = torch.linalg.svd(x.to(torch.float32), full_matrices=False)
+    k = min(rank, s.numel())
+    total = float((s**2).sum())
+    energy = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return LowRank(u[:, :k] * s[:k], vh[:k], 1.0), energy

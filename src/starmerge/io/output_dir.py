@@ -1,8 +1,11 @@
-"""Writing model outputs: an all-or-nothing output directory and a streaming shard writer.
+"""The output directory: created all or nothing, checked, guarded; sizes; the base's files.
 
 ``atomic_output_dir`` gives the caller a fresh temporary directory next to the output and moves it
 into place only when the block succeeds, so on any failure the output directory is left exactly as
-it was (DESIGN.md, "Set-up and commands"). Shards: ``stream_writer.StreamingShardWriter``.
+it was (DESIGN.md, "Set-up and commands"). Also here: the output checks (``check_output_dir``,
+``check_outside_inputs``), ``write_guard`` (write errors as ``OutputError``), ``parse_size``
+(``5GB``) and ``copy_model_files`` (config and tokenizer files from the base). The shards
+themselves: :mod:`starmerge.io.shards`.
 """
 
 from __future__ import annotations
@@ -73,10 +76,19 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
     """Check that ``out_dir`` can be written as asked, without touching anything.
 
     Raises:
-        OutputError: It is a file, a non-empty directory without ``overwrite``, or its nearest
-            existing parent is not a writable directory.
+        OutputError: It is a file, a non-empty directory without ``overwrite``, its nearest
+            existing parent is not a writable directory, or the system refuses the path itself
+            (a name too long, a permission denied on the way).
     """
-    out_dir = Path(out_dir)
+    try:
+        _check_output_dir(Path(out_dir), overwrite)
+    except OSError as e:
+        raise OutputError(
+            f"cannot use {out_dir} as the output directory ({e.strerror}); choose another directory"
+        ) from None
+
+
+def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} is a file; choose a directory")
     if out_dir.is_dir():

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import torch
 
 from starmerge.errors import InputError
-from starmerge.io.writer import write_guard
+from starmerge.io.output_dir import write_guard
 
 _DTYPE_CODES = {
     torch.float32: "F32",
