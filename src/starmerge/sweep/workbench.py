@@ -46,6 +46,8 @@ def _slim(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-example predictions without the prompt text (reproducible from the task file)."""
     return [{k: v for k, v in p.items() if k != "input"} for p in predictions]
 
+_COST = ("seconds", "peak_bytes")  # cost fields of a statistics entry's meta
+
 
 class Workbench:
     """One process's base model, caches and job runner.
@@ -141,6 +143,8 @@ class Workbench:
         state = dict(merged.stats.get("state") or {})
         if "statistics" in state:  # cache entries by key, not by where this process keeps them
             state["statistics"] = [p.name for p in paths]
+        if "meta" in state:  # what writing an entry cost varies by run and worker: not a result
+            state["meta"] = {k: v for k, v in state["meta"].items() if k not in _COST}
         return merged.deltas, {**merged.stats, "state": state, "data": used}
 
     def run(self, job: Job, key: str | None = None) -> dict[str, Any]:
