@@ -93,3 +93,23 @@ def tree_hash(path: Path) -> str:
             digest.update(f"F {rel} {entry.stat().st_size}\0".encode())
             digest.update(entry.read_bytes())
     return digest.hexdigest()
+
+
+def assert_one_error(code: int, err: str, *needles: str) -> str:
+    """The refusal contract on one CLI run: exit 2, one ``error:`` line with ``needles``."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return lines[0]
+
+
+def refused(capsys, argv, watched, *needles: str) -> str:
+    """Run ``starmerge ARGV``; assert one error line and every watched path unchanged."""
+    before = {str(p): tree_hash(p) for p in watched}
+    code, _, err = run_cli(capsys, *argv)
+    line = assert_one_error(code, err, *needles)
+    assert {str(p): tree_hash(p) for p in watched} == before
+    return line

@@ -14,27 +14,15 @@ import sys
 
 import pytest
 import yaml
-from tests.integration.helpers import run_cli, tree_hash, write_config
+from tests.integration.helpers import (
+    assert_one_error,
+    refused,
+    run_cli,
+    tree_hash,
+    write_config,
+)
 
 from starmerge.config import load_config
-
-
-def _assert_one_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-
-
-def _refused(capsys, argv, watched, *needles):
-    """Run ``starmerge ARGV``; assert one error line and every watched path unchanged."""
-    before = {str(p): tree_hash(p) for p in watched}
-    code, _, err = run_cli(capsys, *argv)
-    _assert_one_error(code, err, *needles)
-    assert {p: tree_hash(p) for p in before} == before
-    return err
 
 
 @pytest.fixture
@@ -48,14 +36,14 @@ def merge_inputs(tmp_path, tiny_models, llama_adapters):
     return body, [tiny_models["llama"], *llama_adapters[:2], tmp_path / "out"]
 
 
-def _merge_refused(capsys, tmp_path, text, watched, *needles, extra=()):
+def _mergerefused(capsys, tmp_path, text, watched, *needles, extra=()):
     cfg = tmp_path / "c.yaml"
     if isinstance(text, bytes):
         cfg.write_bytes(text)
     else:
         cfg.write_text(text)
     out = tmp_path / "out"
-    err = _refused(capsys, ["merge", cfg, out, "--quiet", *extra], [*watched, cfg], *needles)
+    err = refused(capsys, ["merge", cfg, out, "--quiet", *extra], [*watched, cfg], *needles)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     return err
 
@@ -68,7 +56,7 @@ def test_config_not_utf8(tmp_path, capsys, merge_inputs):
     body, watched = merge_inputs
     text = _dump(body).encode() + b"# caf\xe9 in latin-1\n"
     offset = text.index(b"\xe9")
-    _merge_refused(
+    _mergerefused(
         capsys, tmp_path, text, watched, "c.yaml is not UTF-8", f"at offset {offset}", "UTF-8"
     )
 
@@ -76,14 +64,14 @@ def test_config_not_utf8(tmp_path, capsys, merge_inputs):
 def test_config_nested_too_deep(tmp_path, capsys, merge_inputs):
     body, watched = merge_inputs
     text = _dump(body) + "parameters: {scaling: " + "[" * 5000 + "]" * 5000 + "}\n"
-    _merge_refused(capsys, tmp_path, text, watched, "deeper than 100 levels", "flatten it")
+    _mergerefused(capsys, tmp_path, text, watched, "deeper than 100 levels", "flatten it")
 
 
 def test_duplicate_key_names_both_lines(tmp_path, capsys, merge_inputs):
     body, watched = merge_inputs
     text = _dump(body) + "method: ties\n"
     last = text.count("\n")
-    _merge_refused(
+    _mergerefused(
         capsys, tmp_path, text, watched, f"duplicate key 'method' at lines 1 and {last}", "keep one"
     )
 
@@ -92,7 +80,7 @@ def test_python_tag_is_refused_and_never_run(tmp_path, capsys, merge_inputs):
     body, watched = merge_inputs
     marker = tmp_path / "ran"
     text = _dump(body) + f"output: !!python/object/apply:os.system ['touch {marker}']\n"
-    _merge_refused(
+    _mergerefused(
         capsys,
         tmp_path,
         text,
@@ -107,13 +95,13 @@ def test_yaml_syntax_error_keeps_its_line(tmp_path, capsys, merge_inputs):
     body, watched = merge_inputs
     text = _dump(body) + "parameters: {scaling: [1}\n"
     last = text.count("\n")
-    _merge_refused(capsys, tmp_path, text, watched, f"is not valid YAML at line {last}", "fix")
+    _mergerefused(capsys, tmp_path, text, watched, f"is not valid YAML at line {last}", "fix")
 
 
 def test_recursive_alias(tmp_path, capsys, merge_inputs):
     body, watched = merge_inputs
     text = _dump(body) + "parameters: &p {scaling: *p}\n"
-    _merge_refused(capsys, tmp_path, text, watched, "recursive alias", "write the value out")
+    _mergerefused(capsys, tmp_path, text, watched, "recursive alias", "write the value out")
 
 
 LAUGHS = "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
@@ -140,7 +128,7 @@ def test_alias_bomb_is_refused_quickly(tmp_path, merge_inputs, command, where):
     proc = subprocess.run(  # a hang is caught by the timeout, even one inside C code
         [sys.executable, "-m", "starmerge", *argv], capture_output=True, text=True, timeout=30
     )
-    _assert_one_error(
+    assert_one_error(
         proc.returncode, proc.stderr, "expands to more than 100000 values", "aliases (*)"
     )
     assert {p: tree_hash(p) for p in before} == before
@@ -161,7 +149,7 @@ def test_alias_bomb_is_refused_quickly(tmp_path, merge_inputs, command, where):
 def test_malformed_override(tmp_path, capsys, merge_inputs, override, needles):
     body, watched = merge_inputs
     text = _dump({**body, "parameters": {"scaling": 2}})
-    _merge_refused(capsys, tmp_path, text, watched, *needles, extra=(override,))
+    _mergerefused(capsys, tmp_path, text, watched, *needles, extra=(override,))
 
 
 def test_override_into_a_list_by_index(tmp_path, merge_inputs):
@@ -227,14 +215,14 @@ def test_report_bad_results(tmp_path, capsys, results_file, kind, needles):
         bad.write_text(json.dumps(data))
     out = tmp_path / "report"
     argv = ["report", results_file, bad, "--out", out]
-    _refused(capsys, argv, [results_file, bad, out], *needles)
+    refused(capsys, argv, [results_file, bad, out], *needles)
 
 
 def test_report_out_is_a_file(tmp_path, capsys, results_file):
     out = tmp_path / "report"
     out.write_text("not a directory")
     argv = ["report", results_file, "--out", out]
-    _refused(capsys, argv, [results_file, out], "cannot write the report to", "--out")
+    refused(capsys, argv, [results_file, out], "cannot write the report to", "--out")
 
 
 @pytest.fixture
@@ -253,7 +241,7 @@ def test_eval_truncated_model_weights(tmp_path, capsys, model_dir):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "results"
     argv = ["eval", model_dir, "--task", "example_sst2", "--out", out]
-    _refused(capsys, argv, [model_dir, out], "model.safetensors", "truncated or corrupt")
+    refused(capsys, argv, [model_dir, out], "model.safetensors", "truncated or corrupt")
 
 
 def test_eval_truncated_adapter_weights(tmp_path, capsys, model_dir, llama_adapters):
@@ -263,7 +251,7 @@ def test_eval_truncated_adapter_weights(tmp_path, capsys, model_dir, llama_adapt
     weights.write_bytes(weights.read_bytes()[:100])
     out = tmp_path / "results"
     argv = ["eval", model_dir, "--task", "example_sst2", "--out", out, "--adapter", adapter]
-    _refused(capsys, argv, [model_dir, adapter, out], "adapter_model.safetensors", "truncated")
+    refused(capsys, argv, [model_dir, adapter, out], "adapter_model.safetensors", "truncated")
 
 
 def test_eval_task_file_not_utf8(tmp_path, capsys):
@@ -271,7 +259,7 @@ def test_eval_task_file_not_utf8(tmp_path, capsys):
     task.write_bytes(b"name: caf\xe9\n")
     out = tmp_path / "results"
     argv = ["eval", tmp_path, "--task", task, "--out", out]
-    _refused(capsys, argv, [task, out], "task file", "is not UTF-8 text", "save it as UTF-8")
+    refused(capsys, argv, [task, out], "task file", "is not UTF-8 text", "save it as UTF-8")
 
 
 def test_eval_task_data_not_utf8(tmp_path, capsys, model_dir):
@@ -298,7 +286,7 @@ def test_sweep_file_duplicate_key(tmp_path, capsys):
     sweep.write_text("suite: tiny\nmethods: {star: {eta: [20]}}\nsuite: other\n")
     out = tmp_path / "sweep-out"
     argv = ["sweep", sweep, "--out", out, "--dry-run"]
-    _refused(capsys, argv, [sweep, out], "duplicate key 'suite' at lines 1 and 3", "sweep file")
+    refused(capsys, argv, [sweep, out], "duplicate key 'suite' at lines 1 and 3", "sweep file")
 
 
 @pytest.mark.parametrize(
@@ -311,4 +299,4 @@ def test_sweep_file_duplicate_key(tmp_path, capsys):
 )
 def test_reproduce_option_values(tmp_path, capsys, option, needles):
     out = tmp_path / "repro"
-    _refused(capsys, ["reproduce", "nosuchsuite", option, "--out", out], [out], *needles)
+    refused(capsys, ["reproduce", "nosuchsuite", option, "--out", out], [out], *needles)

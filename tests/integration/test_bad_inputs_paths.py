@@ -19,7 +19,11 @@ import huggingface_hub
 import pytest
 import torch
 from safetensors import safe_open
-from tests.integration.helpers import run_cli, tree_hash, write_config
+from tests.integration.helpers import (
+    refused,
+    run_cli,
+    write_config,
+)
 
 from starmerge import engine
 from starmerge.config import parse_config
@@ -52,20 +56,6 @@ def _leftovers(directory):
     return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
-def _refused(capsys, argv, watched, *needles):
-    """Run ``starmerge ARGV``; assert the refusal contract; return the error line."""
-    before = {str(p): tree_hash(p) for p in watched}
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    assert {str(p): tree_hash(p) for p in watched} == before
-    return lines[0]
-
-
 # --- 1. OUT_DIR is never an input, never contains one, never lies inside one ------------------
 
 
@@ -83,23 +73,23 @@ def _refused(capsys, argv, watched, *needles):
         ("base/x/y", "lies inside", "base model", "base"),
     ],
 )
-def test_output_overlapping_an_input_is_refused(
+def test_output_overlapping_an_input_isrefused(
     tmp_path, capsys, inputs, flags, where, relation, label, which
 ):
     cfg = _config(tmp_path / "c.yaml", inputs["base"], inputs["a"], inputs["b"])
     out = inputs["root"] / where
-    err = _refused(capsys, ["merge", cfg, out, "--quiet", *flags], [inputs["root"], cfg])
+    err = refused(capsys, ["merge", cfg, out, "--quiet", *flags], [inputs["root"], cfg])
     assert err == (
         f"error: output directory {out} {relation} the input {label} ({inputs[which]}); "
         "choose an output directory outside every input"
     )
 
 
-def test_output_symlinked_to_an_input_is_refused(tmp_path, capsys, inputs):
+def test_output_symlinked_to_an_input_isrefused(tmp_path, capsys, inputs):
     cfg = _config(tmp_path / "c.yaml", inputs["base"], inputs["a"], inputs["b"])
     link = tmp_path / "out"
     link.symlink_to(inputs["b"], target_is_directory=True)
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, link, "--quiet", "--overwrite"],
         [inputs["root"], cfg],
@@ -108,7 +98,7 @@ def test_output_symlinked_to_an_input_is_refused(tmp_path, capsys, inputs):
     assert link.is_symlink() and os.readlink(link) == str(inputs["b"])
 
 
-def test_output_holding_a_file_an_input_links_to_is_refused(tmp_path, capsys, inputs):
+def test_output_holding_a_file_an_input_links_to_isrefused(tmp_path, capsys, inputs):
     """An input's weight file may be a symlink (as in the Hugging Face cache): its target counts."""
     blobs = tmp_path / "blobs"
     blobs.mkdir()
@@ -116,7 +106,7 @@ def test_output_holding_a_file_an_input_links_to_is_refused(tmp_path, capsys, in
     shutil.move(weights, blobs / "abc123")
     weights.symlink_to(blobs / "abc123")
     cfg = _config(tmp_path / "c.yaml", inputs["base"], inputs["a"], inputs["b"])
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, blobs, "--quiet", "--overwrite"],
         [inputs["root"], blobs, cfg],
@@ -124,12 +114,12 @@ def test_output_holding_a_file_an_input_links_to_is_refused(tmp_path, capsys, in
     )
 
 
-def test_output_in_the_hub_cache_of_an_input_is_refused(tmp_path, capsys, inputs, monkeypatch):
+def test_output_in_the_hub_cache_of_an_input_isrefused(tmp_path, capsys, inputs, monkeypatch):
     snapshot = tmp_path / "hub" / "models--org--b" / "snapshots" / "rev"
     shutil.copytree(inputs["b"], snapshot)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: str(snapshot))
     cfg = _config(tmp_path / "c.yaml", inputs["base"], inputs["a"], "org/b")
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, snapshot.parent.parent, "--quiet", "--overwrite"],
         [inputs["root"], tmp_path / "hub", cfg],
@@ -156,7 +146,7 @@ def test_output_that_appears_meanwhile_is_left_alone(
 
     monkeypatch.setattr(engine, "write_manifest", racing)
     cfg = _config(tmp_path / "c.yaml", inputs["base"], inputs["a"], inputs["b"])
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, out, "--quiet"],
         [inputs["root"], cfg],
@@ -293,7 +283,7 @@ def test_shard_index_pointing_outside_is_refused_before_opening(
         shutil.copy(inputs["base"] / "model.safetensors", tmp_path / "outside.bin")
     model = _sharded_base(tmp_path, inputs["base"], entry, bin_index=bin_index)
     cfg = _config(tmp_path / "c.yaml", model, inputs["a"], inputs["b"])
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, tmp_path / "out", "--quiet"],
         [inputs["root"], model, cfg, tmp_path / "outside.safetensors"],
@@ -302,11 +292,11 @@ def test_shard_index_pointing_outside_is_refused_before_opening(
     assert not [f for f in opened if "outside" in f or str(model) in f]
 
 
-def test_symlinked_shard_escaping_the_model_directory_is_refused(tmp_path, capsys, inputs, opened):
+def test_symlinked_shard_escaping_the_model_directory_isrefused(tmp_path, capsys, inputs, opened):
     model = _sharded_base(tmp_path, inputs["base"], "model-00001-of-00001.safetensors")
     (model / "model-00001-of-00001.safetensors").symlink_to(tmp_path / "outside.safetensors")
     cfg = _config(tmp_path / "c.yaml", model, inputs["a"], inputs["b"])
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, tmp_path / "out", "--quiet"],
         [inputs["root"], model, cfg],
@@ -377,7 +367,7 @@ def test_every_config_path_starts_at_the_config_file(tmp_path, monkeypatch):
     assert cfg.parameters["statistics"] == [str(cfg_dir / "stats.safetensors"), "org/missing"]
 
 
-def test_relative_path_from_the_working_directory_is_refused(tmp_path, capsys, inputs, monkeypatch):
+def test_relative_path_from_the_working_directory_isrefused(tmp_path, capsys, inputs, monkeypatch):
     cfg_dir = tmp_path / "configs"
     cfg_dir.mkdir()
     cfg = write_config(
@@ -387,7 +377,7 @@ def test_relative_path_from_the_working_directory_is_refused(tmp_path, capsys, i
         models=[{"adapter": "inputs/a/"}, {"adapter": str(inputs["b"])}],
     )
     monkeypatch.chdir(tmp_path)  # inputs/a exists from here, but not from the config's directory
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, tmp_path / "out", "--quiet"],
         [inputs["root"], cfg],
@@ -412,7 +402,7 @@ def test_disk_full_while_writing_the_manifest(tmp_path, capsys, inputs, monkeypa
     monkeypatch.setattr(pathlib.Path, "write_text", full)
     cfg = _config(tmp_path / "c.yaml", inputs["base"], inputs["a"], inputs["b"])
     out = tmp_path / "out"
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, out, "--quiet"],
         [inputs["root"], cfg, out],
@@ -422,11 +412,11 @@ def test_disk_full_while_writing_the_manifest(tmp_path, capsys, inputs, monkeypa
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_output_holding_the_config_file_is_refused(tmp_path, capsys, inputs):
+def test_output_holding_the_config_file_isrefused(tmp_path, capsys, inputs):
     work = tmp_path / "work"
     work.mkdir()
     cfg = _config(work / "c.yaml", inputs["base"], inputs["a"], inputs["b"])
-    _refused(
+    refused(
         capsys,
         ["merge", cfg, work, "--quiet", "--overwrite"],
         [inputs["root"], work],
