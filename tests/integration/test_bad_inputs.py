@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tests.integration.helpers import run_cli, write_config
+from tests.integration.helpers import assert_one_error, run_cli, write_config
 
 
 def _models(adapters):
@@ -18,12 +18,7 @@ def _models(adapters):
 def _assert_refused(capsys, cfg, out_dir, *needles, extra=()):
     before = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else None
     code, _, err = run_cli(capsys, "merge", cfg, out_dir, "--quiet", *extra)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
+    assert_one_error(code, err, *needles)
     after = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else None
     assert after == before
     assert not [p for p in out_dir.parent.iterdir() if ".tmp" in p.name]

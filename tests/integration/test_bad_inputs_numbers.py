@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from tests.integration.helpers import (
     load_state,
     peft_dense_deltas,
+    refused,
     run_cli,
-    tree_hash,
     write_config,
 )
 
@@ -47,17 +47,9 @@ def _config(tmp_path, inputs, *, method="task_arithmetic", models=None, **extra)
 def _refused(capsys, cfg, out_dir, inputs, *needles):
     """``starmerge merge CFG OUT_DIR``: the refusal contract; returns the error line."""
     watched = [cfg, out_dir, *inputs.values()]
-    before = [tree_hash(p) for p in watched]
-    code, _, err = run_cli(capsys, "merge", cfg, out_dir, "--quiet")
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], err
-    assert [tree_hash(p) for p in watched] == before
+    line = refused(capsys, ["merge", cfg, out_dir, "--quiet"], watched, *needles)
     assert not [p for p in out_dir.parent.iterdir() if ".tmp" in p.name]
-    return lines[0]
+    return line
 
 
 @pytest.mark.parametrize(
