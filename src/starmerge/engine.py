@@ -144,11 +144,6 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
     per_param: dict[str, dict] = {}
     for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
         weight = base.get(key)
-        if not all_finite(weight):
-            raise InputError(
-                f"base model {plan.base_path}: tensor '{key}' contains NaN or Inf values; "
-                "give a base model with finite weights"
-            )
         if key in plan.shapes:
             merged_key, result = next(merged)
             assert merged_key == key  # merge_params follows the given key order
@@ -156,7 +151,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
             per_param[key] = dict(result.stats)
             _write_artifacts(artifacts, plan, key, result)
         weight = weight.to(dtypes[key])
-        _check_output_finite(plan, key, weight)
+        _check_output_finite(plan, key, weight, from_base=True)
         writer.write(key, weight)
         del weight
     writer.close()
@@ -166,10 +161,21 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
     return {"per_parameter": per_param, **_layout_stats(plan)}
 
 
-def _check_output_finite(plan: Plan, key: str, *tensors: torch.Tensor) -> None:
-    """The last check before ``key`` is written: finite in the output dtype (no overflow)."""
+def _check_output_finite(
+    plan: Plan, key: str, *tensors: torch.Tensor, from_base: bool = False
+) -> None:
+    """The last check before ``key`` is written: finite in the output dtype (no overflow).
+
+    One reduction per written tensor; only when it fails is the base's own tensor (``from_base``)
+    read again, so that a non-finite base model is named as the cause.
+    """
     if all(all_finite(t) for t in tensors):
         return
+    if from_base and not all_finite(plan.base.get(key)):
+        raise InputError(
+            f"base model {plan.base_path}: tensor '{key}' contains NaN or Inf values; "
+            "give a base model with finite weights"
+        )
     raise InputError(
         f"the merged '{key}' is not finite in {str(plan.out_dtype).removeprefix('torch.')} "
         f"({plan.method.name}, parameters {short_repr(plan.params)}); lower the scaling or "
