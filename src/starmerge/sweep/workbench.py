@@ -46,6 +46,7 @@ def _slim(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-example predictions without the prompt text (reproducible from the task file)."""
     return [{k: v for k, v in p.items() if k != "input"} for p in predictions]
 
+
 _COST = ("seconds", "peak_bytes")  # cost fields of a statistics entry's meta
 
 
