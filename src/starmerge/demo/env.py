@@ -42,6 +42,25 @@ def cpu_threads() -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+#: Threads for everything whose result is cached and compared bit for bit (adapter training,
+#: statistics, mask training): the float reduction order, hence the trained weights' bits, depends
+#: on torch's thread count, and Localize-and-Stitch's top-k masks turn a last-bit change into a
+#: different test item or two. One thread gives the same adapters, hence the same table, on every
+#: machine and under any load (evaluation keeps :func:`cpu_threads`).
+TRAIN_THREADS = 1
+
+
+@contextlib.contextmanager
+def training_threads() -> Iterator[int]:
+    """Run the block with :data:`TRAIN_THREADS` torch threads; restore the count on exit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        yield TRAIN_THREADS
+    finally:
+        torch.set_num_threads(previous)
+
+
 def default_cache_dir() -> Path:
     """``$STARMERGE_CACHE``, else ``~/.cache/starmerge``."""
     env = os.environ.get("STARMERGE_CACHE")

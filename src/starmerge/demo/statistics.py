@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from starmerge.demo.assets import TaskData
+from starmerge.demo.env import training_threads
 from starmerge.demo.masks import mask_summary, settings_label
 from starmerge.demo.train import TaskAdapter, _seed_for, applied
 from starmerge.errors import StarmergeError
@@ -137,7 +138,8 @@ class DemoStatistics:
 
     def entry(self, task: str, request: DataRequest) -> Path:
         """The cached entry of ``task`` for ``request``, collected (or trained) when missing."""
-        (found,) = gather_statistics(request, [self.source(task)], self.root)
+        with training_threads():  # the same bits on any machine and load (see env.py)
+            (found,) = gather_statistics(request, [self.source(task)], self.root)
         if found.computed:
             cost = "+".join(request.kinds) if request.kinds else "masks"
             self.seconds[cost] = round(self.seconds.get(cost, 0.0) + found.seconds, 3)

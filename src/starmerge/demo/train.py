@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from starmerge.demo.assets import TaskData
+from starmerge.demo.env import training_threads
 from starmerge.errors import InputError, StarmergeError, UnknownNameError, did_you_mean
 from starmerge.io.adapter import load_adapter
 from starmerge.tensors.delta import Delta
@@ -159,7 +160,9 @@ def get_adapter(
     path = adapter_dir(cache_dir, train, recipe, seed)
     fresh = not (path / "meta.json").is_file()
     if fresh:
-        tier_module(recipe.model).train_into(path, train, recipe, seed, progress, Path(cache_dir))
+        with training_threads():  # the same bits on any machine and load (see env.py)
+            tier = tier_module(recipe.model)
+            tier.train_into(path, train, recipe, seed, progress, Path(cache_dir))
     adapter = load_task_adapter(path)
     adapter.meta["fresh"] = fresh  # trained by this call (not written to the cache)
     return adapter
