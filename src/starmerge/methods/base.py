@@ -16,7 +16,6 @@ transform (``separable``) and the merge spaces it accepts (``spaces``); see
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,29 +29,20 @@ from starmerge.methods.contract import (
     Merged,
     Separable,
 )
+from starmerge.methods.params import (  # noqa: F401  (re-exported: methods import them here)
+    MAX_FACTOR,
+    Param,
+    as_param_type,
+    check_value,
+    factor_range,
+    in_range,
+    optional,
+    takes_per_key,
+)
 from starmerge.registry import Registry
+from starmerge.settings import PerKey, is_per_key, parse_setting
 
 Accepts = frozenset[Literal["dense", "lowrank"]]
-# The largest |factor| a multiplying hyperparameter (scaling, alpha, per-model weights) may take:
-# far beyond any useful merge, and it keeps 1e308 (whose product overflows) out.
-MAX_FACTOR = 1e3
-
-
-@dataclass(frozen=True)
-class Param:
-    """One hyperparameter of a method.
-
-    Args:
-        default: The default value (its type is the parameter's type).
-        check: Returns an error fragment such as ``"must be in (0, 100]"`` or None when valid.
-        help: One line for ``starmerge methods``.
-        choices: The allowed values for string parameters.
-    """
-
-    default: Any
-    help: str
-    check: Callable[[Any], str | None] | None = None
-    choices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +71,9 @@ class Method:
             tensor of the parameter.
         separable: The merge as a mean or sum of a per-task transform, or None.
         spaces: The merge spaces the method accepts (only ``full`` exists).
+        fit_reads: ``fit_reads(params) -> names``: the parameters the fit step reads with
+            these values (None: all of them). The others may vary per parameter key (layer
+            gradients, name filters: :mod:`starmerge.settings`).
     """
 
     name: str
@@ -99,6 +92,7 @@ class Method:
     needs_base: bool = False
     separable: Separable | None = None
     spaces: frozenset[str] = FULL_SPACE
+    fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None
 
     @property
     def all_params(self) -> dict[str, Param]:
@@ -123,12 +117,51 @@ class Method:
                 )
         values = {k: given.get(k, p.default) for k, p in declared.items()}
         for key, value in values.items():
-            problem = _check(self.name, key, value, declared[key])
+            param = declared[key]
+            if takes_per_key(param) and is_per_key(value):
+                values[key], found = self._per_key(key, value, param, values)
+                problems += found
+                continue
+            problem = check_value(self.name, key, value, param)
             if problem:
                 problems.append(problem)
         if problems:
             raise ConfigError(problems)
         return values
+
+    def _per_key(
+        self, key: str, value: Any, param: Param, values: Mapping[str, Any]
+    ) -> tuple[PerKey | None, list[str]]:
+        """A gradient / conditional value of ``key`` parsed (see :mod:`starmerge.settings`)."""
+        if key in self.data_params or (self.fit is not None and key in self._fit_reads(values)):
+            return None, [
+                f"{self.name}: {key} is read by the method's fit step over the whole model, so it "
+                f"takes one value, got the per-parameter value {short_repr(value)}; give one "
+                "number"
+            ]
+        return parse_setting(
+            f"{self.name}: {key}",
+            value,
+            param.default,
+            lambda v: check_value(self.name, key, v, param),
+        )
+
+    def _fit_reads(self, values: Mapping[str, Any]) -> frozenset[str]:
+        """The parameters the fit step reads with these values (all, unless declared)."""
+        if self.fit_reads is None:
+            return frozenset(self.all_params)
+        return frozenset(self.fit_reads(values))
+
+    def params_at(self, params: Mapping[str, Any], key: str, t: float) -> dict[str, Any]:
+        """The kernel's parameters at parameter ``key`` (layer depth ``t``).
+
+        Per-key values (gradients, filters) are evaluated and cast to the parameter's type.
+        """
+        out = self.kernel_args(params)
+        for name, value in out.items():
+            if isinstance(value, PerKey):
+                out[name] = as_param_type(value.at(key, t), self.params[name].default)
+        return out
 
     def kernel_args(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The resolved ``params`` that ``fn`` takes (no data-step parameters)."""
@@ -153,57 +186,6 @@ class Method:
         return self.fit(n_tasks, **args)
 
 
-def _check(method: str, key: str, value: Any, param: Param) -> str | None:
-    """Type, finiteness and range check of one hyperparameter value; an error message or None.
-
-    Every number, and every number in a list, must be finite (NaN and +-inf are refused here for
-    all methods), before the parameter's own ``check`` sees it.
-    """
-    want = type(param.default)
-    if param.default is None:
-        ok_type = True
-    elif want is float:
-        ok_type = _is_number(value)
-    elif want is int:
-        ok_type = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok_type = isinstance(value, want)
-    if not ok_type:
-        return (
-            f"{method}: {key} must be {_article(want.__name__)} {want.__name__}, got "
-            f"{short_repr(value)} ({type(value).__name__}); fix the value in `parameters:`"
-        )
-    bad = _non_finite(value)
-    if bad is not None:
-        return f"{method}: {key} {bad}, got {short_repr(value)}; fix the value in `parameters:`"
-    if param.choices is not None and value not in param.choices:
-        return (
-            f"{method}: {key} must be one of {', '.join(param.choices)}, got {short_repr(value)}."
-            f"{did_you_mean(str(value), param.choices)}"
-        )
-    fragment = param.check(value) if param.check else None
-    return f"{method}: {key} {fragment}, got {short_repr(value)}" if fragment else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _non_finite(value: Any) -> str | None:
-    """What is wrong with a non-finite number or a list holding one (NaN, +-inf); else None."""
-    if isinstance(value, float):  # an int is always finite (and may exceed a float's range)
-        return None if math.isfinite(value) else "must be a finite number"
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            if isinstance(item, float) and not math.isfinite(item):
-                return f"must hold finite numbers (entry {i} is {item})"
-    return None
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
 METHODS: Registry[Method] = Registry("method")
 
 
@@ -222,6 +204,7 @@ def register_method(
     needs_base: bool = False,
     separable: Separable | None = None,
     spaces: Sequence[str] = tuple(FULL_SPACE),
+    fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
 ) -> Callable[[Callable[..., Merged]], Callable[..., Merged]]:
     """Register ``fn`` as merge method ``name`` (the arguments are :class:`Method`'s fields).
 
@@ -249,38 +232,9 @@ def register_method(
                 needs_base=needs_base,
                 separable=separable,
                 spaces=frozenset(spaces),
+                fit_reads=fit_reads,
             ),
         )
         return fn
 
     return wrap
-
-
-def in_range(lo: float, hi: float, *, lo_open: bool = True, hi_open: bool = False):
-    """A ``Param.check`` for an interval, e.g. ``in_range(0, 100)`` for (0, 100]."""
-
-    def check(value: float) -> str | None:
-        if not _is_number(value):
-            return "must be a number"
-        low_ok = value > lo if lo_open else value >= lo
-        high_ok = value < hi if hi_open else value <= hi
-        if low_ok and high_ok:
-            return None
-        return f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-    return check
-
-
-def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    """A ``Param.check`` that also accepts None (null), e.g. ``optional(in_range(0, 1))``."""
-
-    def check_optional(value: Any) -> str | None:
-        fragment = None if value is None else check(value)
-        return f"{fragment} or null" if fragment else None
-
-    return check_optional
-
-
-def factor_range() -> Callable[[float], str | None]:
-    """A ``Param.check`` for a multiplying factor (scaling, alpha): in [-MAX_FACTOR, MAX_FACTOR]."""
-    return in_range(-MAX_FACTOR, MAX_FACTOR, lo_open=False)
