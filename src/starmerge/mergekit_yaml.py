@@ -1,0 +1,182 @@
+"""mergekit configs, read as they are: a ``merge_method:`` YAML becomes a starmerge config.
+
+``starmerge merge`` and ``starmerge validate`` recognise a mergekit config by its top-level
+``merge_method`` key and translate it here, before validation (so every starmerge check and
+message applies to the result):
+
+==============================  ============================================================
+mergekit                        starmerge
+==============================  ============================================================
+``merge_method: X``             ``method: X`` (mergekit's names are registry names)
+``base_model: B``               ``base_model: B``
+``models[].model: M``           ``models[].model: M`` (a full model; its delta M - B is taken)
+``models[].model: B+L``         ``models[].adapter: L`` (a LoRA input, never folded into B;
+                                B must be the config's ``base_model``)
+``models[].model: B`` (base)    left out for task-vector methods (a zero task vector counts
+                                nowhere in them); kept as a zero-delta model where the
+                                method averages models (``linear``, ``nuslerp`` ...)
+``models[].parameters.weight``  ``models[].weight`` (one number per model)
+``models[].parameters.density`` ``parameters.densities`` (one per model; the global
+                                ``density``, else the method's default, where a model has none)
+``parameters:`` (global)        ``parameters:`` (same names; layer gradients and ``filter``
+                                conditions as in mergekit: :mod:`starmerge.settings`)
+``out_dtype`` / ``dtype``       ``output.dtype`` (``out_dtype``, else ``dtype``: as mergekit);
+                                computation is float32 either way
+``tokenizer_source: base``      the base model's tokenizer files are copied (the default)
+==============================  ============================================================
+
+Refused by name, never ignored: ``slices:`` and ``modules:`` (layer stacking, ``passthrough``),
+``tokenizer_source`` other than ``base``, ``tokenizer:``, ``chat_template``, ``int8_mask``,
+per-model gradients or filters (one number per model), per-model parameters other than
+``weight`` and ``density``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from starmerge.errors import ConfigError, short_repr
+from starmerge.methods import METHODS
+
+#: Methods whose inputs are task vectors: a model equal to the base adds nothing to them.
+_MODEL_AVERAGES = frozenset({"linear", "nuslerp", "multislerp", "karcher", "model_stock"})
+_REFUSED_TOP = {
+    "slices": "layer stacking (slices: / passthrough frankenmerges) is not supported; merge "
+    "whole models with `models:`",
+    "modules": "per-module configs (modules:) are not supported; merge whole models with `models:`",
+    "tokenizer": "tokenizer surgery (tokenizer:) is not supported; starmerge copies the base "
+    "model's tokenizer (tokenizer_source: base)",
+    "chat_template": "chat_template is not supported; the base model's tokenizer files, with "
+    "their chat template, are copied",
+}
+_REFUSED_PARAMS = {
+    "int8_mask": "int8_mask (a mergekit memory saving) is not supported; remove it: starmerge "
+    "streams one parameter at a time in float32",
+}
+
+
+def is_mergekit(raw: Any) -> bool:
+    """Whether a parsed YAML document is a mergekit config (it has ``merge_method``)."""
+    return isinstance(raw, Mapping) and "merge_method" in raw
+
+
+def from_mergekit(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate a mergekit config into a starmerge config mapping (not yet validated).
+
+    Raises:
+        ConfigError: Listing every mergekit feature starmerge does not do.
+
+    Example:
+        >>> from_mergekit({"merge_method": "ties", "base_model": "b",
+        ...     "models": [{"model": "b+lora1", "parameters": {"weight": 0.5}}]})["models"]
+        [{'adapter': 'lora1', 'weight': 0.5}]
+    """
+    problems: list[str] = []
+    for key, why in _REFUSED_TOP.items():
+        if raw.get(key) is not None:
+            problems.append(f"mergekit config: {why}")
+    source = raw.get("tokenizer_source")
+    if source not in (None, "base"):
+        problems.append(
+            f"mergekit config: tokenizer_source {short_repr(source)} is not supported; use "
+            "`tokenizer_source: base` (the base model's tokenizer is copied)"
+        )
+    method = raw.get("merge_method")
+    params = dict(raw.get("parameters") or {})
+    for key, why in _REFUSED_PARAMS.items():
+        if key in params:
+            problems.append(f"mergekit config: {why}")
+            params.pop(key)
+    base = _base_name(raw.get("base_model"), problems)
+    models, densities = _models(raw.get("models"), method, base, problems)
+    if any(d is not None for d in densities):
+        fallback = params.get("density", _default(method, "density"))
+        params["densities"] = [fallback if d is None else d for d in densities]
+    if problems:
+        raise ConfigError(problems)
+    out: dict[str, Any] = {"method": method, "parameters": params, "models": models}
+    if base is not None:
+        out["base_model"] = base
+    dtype = raw.get("out_dtype") or raw.get("dtype")
+    if dtype is not None:
+        out["output"] = {"dtype": dtype}
+    return out
+
+
+def _base_name(value: Any, problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and "+" not in value:
+        return value
+    problems.append(
+        f"mergekit config: base_model must be a plain model path or hub id, got "
+        f"{short_repr(value)}; a LoRA on the base model is not a base"
+    )
+    return None
+
+
+def _models(
+    entries: Any, method: Any, base: str | None, problems: list[str]
+) -> tuple[list[dict[str, Any]], list[float | None]]:
+    """``models:`` entries and their per-model densities (None: none given)."""
+    if not isinstance(entries, list):
+        problems.append(
+            f"mergekit config: models must be a list of {{model: ...}}, got {short_repr(entries)}"
+        )
+        return [], []
+    models, densities = [], []
+    for i, entry in enumerate(entries):
+        where = f"mergekit config: models[{i}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+            problems.append(f"{where} must be {{model: PATH-OR-ID}}, got {short_repr(entry)}")
+            continue
+        name = entry["model"]
+        if name == base and method not in _MODEL_AVERAGES:
+            continue  # the base's own task vector is zero
+        spec = _input(name, base, where, problems)
+        given = dict(entry.get("parameters") or {})
+        weight, density = given.pop("weight", None), given.pop("density", None)
+        for label, value in (("weight", weight), ("density", density)):
+            if value is not None and not _is_number(value):
+                problems.append(
+                    f"{where}: per-model {label} must be one number (per-model gradients and "
+                    f"filters are not supported), got {short_repr(value)}; give the "
+                    "gradient in the global `parameters:` instead"
+                )
+        for extra in given:
+            problems.append(
+                f"{where}: per-model parameter {short_repr(extra)} is not supported (only weight "
+                "and density); give it in the global `parameters:`"
+            )
+        if weight is not None:
+            spec["weight"] = weight
+        models.append(spec)
+        densities.append(density if _is_number(density) else None)
+    return models, densities
+
+
+def _input(name: str, base: str | None, where: str, problems: list[str]) -> dict[str, Any]:
+    """``{model: M}`` or, for mergekit's ``B+L`` form, ``{adapter: L}`` (B must be the base)."""
+    if "+" not in name:
+        return {"model": name}
+    model, _, lora = name.partition("+")
+    if base is None or model != base:
+        problems.append(
+            f"{where}: {short_repr(name)} applies a LoRA to {short_repr(model)}, which is not "
+            f"the base_model ({short_repr(base)}); starmerge merges LoRAs of the base model: "
+            "set base_model to it"
+        )
+    return {"adapter": lora}
+
+
+def _default(method: Any, name: str) -> Any:
+    """The registered default of ``method``'s parameter ``name`` (None if unknown)."""
+    if not isinstance(method, str) or method not in METHODS.names():
+        return None
+    param = METHODS.get(method).all_params.get(name)
+    return None if param is None else param.default
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
