@@ -12,9 +12,9 @@ mergekit                        starmerge
 ``models[].model: M``           ``models[].model: M`` (a full model; its delta M - B is taken)
 ``models[].model: B+L``         ``models[].adapter: L`` (a LoRA input, never folded into B;
                                 B must be the config's ``base_model``)
-``models[].model: B`` (base)    left out for task-vector methods (a zero task vector counts
-                                nowhere in them); kept as a zero-delta model where the
-                                method averages models (``linear``, ``nuslerp`` ...)
+``models[].model: B`` (base)    left out (its task vector is zero); with a per-model
+                                ``weight`` kept as a zero-delta model, so that a weight
+                                normalisation (``linear``) counts it as mergekit does
 ``models[].parameters.weight``  ``models[].weight`` (one number per model)
 ``models[].parameters.density`` ``parameters.densities`` (one per model; the global
                                 ``density``, else the method's default, where a model has none)
@@ -23,6 +23,8 @@ mergekit                        starmerge
 ``out_dtype`` / ``dtype``       ``output.dtype`` (``out_dtype``, else ``dtype``: as mergekit);
                                 computation is float32 either way
 ``tokenizer_source: base``      the base model's tokenizer files are copied (the default)
+(mergekit trims per tensor)     ``trim: local`` for a method with a ``trim`` parameter (TIES),
+                                unless the config sets ``trim``
 ==============================  ============================================================
 
 Refused by name, never ignored: ``slices:`` and ``modules:`` (layer stacking, ``passthrough``),
@@ -39,8 +41,6 @@ from typing import Any
 from starmerge.errors import ConfigError, short_repr
 from starmerge.methods import METHODS
 
-#: Methods whose inputs are task vectors: a model equal to the base adds nothing to them.
-_MODEL_AVERAGES = frozenset({"linear", "nuslerp", "multislerp", "karcher", "model_stock"})
 _REFUSED_TOP = {
     "slices": "layer stacking (slices: / passthrough frankenmerges) is not supported; merge "
     "whole models with `models:`",
@@ -89,7 +89,9 @@ def from_mergekit(raw: Mapping[str, Any]) -> dict[str, Any]:
             problems.append(f"mergekit config: {why}")
             params.pop(key)
     base = _base_name(raw.get("base_model"), problems)
-    models, densities = _models(raw.get("models"), method, base, problems)
+    models, densities = _models(raw.get("models"), base, problems)
+    if "trim" not in params and _default(method, "trim") is not None:
+        params["trim"] = "local"  # mergekit's top-k is per tensor
     if any(d is not None for d in densities):
         fallback = params.get("density", _default(method, "density"))
         params["densities"] = [fallback if d is None else d for d in densities]
@@ -117,7 +119,7 @@ def _base_name(value: Any, problems: list[str]) -> str | None:
 
 
 def _models(
-    entries: Any, method: Any, base: str | None, problems: list[str]
+    entries: Any, base: str | None, problems: list[str]
 ) -> tuple[list[dict[str, Any]], list[float | None]]:
     """``models:`` entries and their per-model densities (None: none given)."""
     if not isinstance(entries, list):
@@ -132,10 +134,10 @@ def _models(
             problems.append(f"{where} must be {{model: PATH-OR-ID}}, got {short_repr(entry)}")
             continue
         name = entry["model"]
-        if name == base and method not in _MODEL_AVERAGES:
-            continue  # the base's own task vector is zero
-        spec = _input(name, base, where, problems)
         given = dict(entry.get("parameters") or {})
+        if name == base and "weight" not in given:
+            continue  # the base's own task vector is zero and carries no weight
+        spec = _input(name, base, where, problems)
         weight, density = given.pop("weight", None), given.pop("density", None)
         for label, value in (("weight", weight), ("density", density)):
             if value is not None and not _is_number(value):

@@ -31,7 +31,12 @@ def test_lora_form_becomes_an_adapter_input_and_weights_and_densities_move():
         {"adapter": "loras/a", "weight": 0.7},
         {"model": "full/b", "weight": 0.3},
     ]
-    assert out["parameters"] == {"density": 0.5, "normalize": True, "densities": [0.3, 0.5]}
+    assert out["parameters"] == {
+        "density": 0.5,
+        "normalize": True,
+        "trim": "local",  # mergekit's per-tensor top-k
+        "densities": [0.3, 0.5],
+    }
     assert out["output"] == {"dtype": "bfloat16"}
 
 
@@ -49,9 +54,10 @@ def test_out_dtype_wins_over_dtype_and_gradients_pass_through():
     assert out["parameters"]["t"][0]["value"] == [0, 0.5, 1]
 
 
-def test_model_average_keeps_the_base_as_a_zero_delta_model():
-    raw = {"merge_method": "linear", "base_model": "b", "models": [{"model": "b"}, {"model": "m"}]}
-    assert from_mergekit(raw)["models"] == [{"model": "b"}, {"model": "m"}]
+def test_weighted_base_is_kept_as_a_zero_delta_model():
+    models = [{"model": "b", "parameters": {"weight": 0.5}}, {"model": "m"}]
+    raw = {"merge_method": "linear", "base_model": "b", "models": models}
+    assert from_mergekit(raw)["models"] == [{"model": "b", "weight": 0.5}, {"model": "m"}]
 
 
 @pytest.mark.parametrize(
