@@ -16,8 +16,12 @@ mergekit                        starmerge
                                 ``weight`` kept as a zero-delta model, so that a weight
                                 normalisation (``linear``) counts it as mergekit does
 ``models[].parameters.weight``  ``models[].weight`` (one number per model)
-``models[].parameters.density`` ``parameters.densities`` (one per model; the global
-                                ``density``, else the method's default, where a model has none)
+``models[].parameters.X``       ``parameters.Xs`` (``density`` -> ``densities``, ``gamma`` ->
+                                ``gammas`` ...: one per model; the global ``X``, else the
+                                method's default, where a model has none)
+``parameters.lambda``           ``scaling`` where the method has no ``lambda`` (TIES, task
+                                arithmetic)
+(no ``density``)                ``density: 1.0``, mergekit's default (keep everything)
 ``parameters:`` (global)        ``parameters:`` (same names; layer gradients and ``filter``
                                 conditions as in mergekit: :mod:`starmerge.settings`)
 ``out_dtype`` / ``dtype``       ``output.dtype`` (``out_dtype``, else ``dtype``: as mergekit);
@@ -89,12 +93,20 @@ def from_mergekit(raw: Mapping[str, Any]) -> dict[str, Any]:
             problems.append(f"mergekit config: {why}")
             params.pop(key)
     base = _base_name(raw.get("base_model"), problems)
-    models, densities = _models(raw.get("models"), base, problems)
-    if "trim" not in params and _default(method, "trim") is not None:
-        params["trim"] = "local"  # mergekit's top-k is per tensor
-    if any(d is not None for d in densities):
-        fallback = params.get("density", _default(method, "density"))
-        params["densities"] = [fallback if d is None else d for d in densities]
+    models, per_model = _models(raw.get("models"), base, problems)
+    params = _mergekit_defaults(method, params)
+    for name, values in per_model.items():
+        if all(v is None for v in values):
+            continue
+        plural = f"{name[:-1]}ies" if name.endswith("y") else f"{name}s"
+        if _default(method, plural, missing=_MISSING) is _MISSING:
+            problems.append(
+                f"mergekit config: per-model {name} is not a per-model parameter of "
+                f"{short_repr(method)}; give it once in the global `parameters:`"
+            )
+            continue
+        fallback = params.get(name, _default(method, name))
+        params[plural] = [fallback if v is None else v for v in values]
     if problems:
         raise ConfigError(problems)
     out: dict[str, Any] = {"method": method, "parameters": params, "models": models}
@@ -103,6 +115,30 @@ def from_mergekit(raw: Mapping[str, Any]) -> dict[str, Any]:
     dtype = raw.get("out_dtype") or raw.get("dtype")
     if dtype is not None:
         out["output"] = {"dtype": dtype}
+    return out
+
+
+def _mergekit_defaults(method: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The meaning mergekit gives the global parameters, in starmerge's names.
+
+    ``lambda`` is ``scaling`` where the method has no ``lambda``; ``density`` defaults to 1.0
+    (mergekit keeps everything unless told); a ``trim`` parameter is ``local`` (mergekit's top-k
+    is per tensor); ``density``/``rescale`` given to a method without them are dropped, as
+    mergekit ignores them there (task arithmetic).
+    """
+    out = dict(params)
+    declared = _declared(method)
+    if declared is None:
+        return out
+    if "lambda" in out and "lambda" not in declared and "scaling" in declared:
+        out["scaling"] = out.pop("lambda")
+    if "density" in declared and "density" not in out:
+        out["density"] = 1.0
+    if "trim" in declared and "trim" not in out:
+        out["trim"] = "local"
+    for name in ("density", "rescale"):
+        if name in out and name not in declared:
+            out.pop(name)
     return out
 
 
@@ -120,14 +156,15 @@ def _base_name(value: Any, problems: list[str]) -> str | None:
 
 def _models(
     entries: Any, base: str | None, problems: list[str]
-) -> tuple[list[dict[str, Any]], list[float | None]]:
-    """``models:`` entries and their per-model densities (None: none given)."""
+) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """``models:`` entries, and per-model parameter -> one value per model (None: not given)."""
     if not isinstance(entries, list):
         problems.append(
             f"mergekit config: models must be a list of {{model: ...}}, got {short_repr(entries)}"
         )
-        return [], []
-    models, densities = [], []
+        return [], {}
+    models: list[dict[str, Any]] = []
+    given_all: list[dict[str, Any]] = []
     for i, entry in enumerate(entries):
         where = f"mergekit config: models[{i}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
@@ -138,24 +175,20 @@ def _models(
         if name == base and "weight" not in given:
             continue  # the base's own task vector is zero and carries no weight
         spec = _input(name, base, where, problems)
-        weight, density = given.pop("weight", None), given.pop("density", None)
-        for label, value in (("weight", weight), ("density", density)):
-            if value is not None and not _is_number(value):
+        for label, value in list(given.items()):
+            if not _is_number(value):
                 problems.append(
                     f"{where}: per-model {label} must be one number (per-model gradients and "
                     f"filters are not supported), got {short_repr(value)}; give the "
                     "gradient in the global `parameters:` instead"
                 )
-        for extra in given:
-            problems.append(
-                f"{where}: per-model parameter {short_repr(extra)} is not supported (only weight "
-                "and density); give it in the global `parameters:`"
-            )
-        if weight is not None:
-            spec["weight"] = weight
+                given.pop(label)
+        if "weight" in given:
+            spec["weight"] = given.pop("weight")
         models.append(spec)
-        densities.append(density if _is_number(density) else None)
-    return models, densities
+        given_all.append(given)
+    names = sorted({k for g in given_all for k in g})
+    return models, {n: [g.get(n) for g in given_all] for n in names}
 
 
 def _input(name: str, base: str | None, where: str, problems: list[str]) -> dict[str, Any]:
@@ -172,12 +205,22 @@ def _input(name: str, base: str | None, where: str, problems: list[str]) -> dict
     return {"adapter": lora}
 
 
-def _default(method: Any, name: str) -> Any:
-    """The registered default of ``method``'s parameter ``name`` (None if unknown)."""
+_MISSING = object()
+
+
+def _declared(method: Any) -> dict[str, Any] | None:
+    """``method``'s parameters, or None for an unknown method (reported by validation)."""
     if not isinstance(method, str) or method not in METHODS.names():
         return None
-    param = METHODS.get(method).all_params.get(name)
-    return None if param is None else param.default
+    return METHODS.get(method).all_params
+
+
+def _default(method: Any, name: str, missing: Any = None) -> Any:
+    """The registered default of ``method``'s parameter ``name`` (``missing`` if none)."""
+    declared = _declared(method)
+    if declared is None or name not in declared:
+        return missing
+    return declared[name].default
 
 
 def _is_number(value: Any) -> bool:

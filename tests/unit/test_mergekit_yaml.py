@@ -77,7 +77,7 @@ def test_weighted_base_is_kept_as_a_zero_delta_model():
         ),
         (
             {"merge_method": "ties", "models": [{"model": "m", "parameters": {"epsilon": 0.1}}]},
-            "per-model parameter 'epsilon'",
+            "per-model epsilon is not a per-model parameter of 'ties'",
         ),
         ({"merge_method": "ties", "models": "m"}, "models must be a list"),
     ],
