@@ -15,6 +15,7 @@ from starmerge.errors import ConfigError, InputError
 from starmerge.methods import METHODS, Method
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import make_plan
+from starmerge.space_form import check_space
 from starmerge.tensors.delta import Delta
 from starmerge.tensors.finite import delta_finite
 
@@ -40,6 +41,7 @@ def merge_deltas(
     *,
     base: Mapping[str, Tensor] | None = None,
     device: str = "cpu",
+    space: str = "full",
 ) -> MergeOutcome:
     """Merge task deltas held in memory with a registered method.
 
@@ -52,15 +54,19 @@ def merge_deltas(
         base: The base model's tensor per parameter key, for methods that declare
             ``needs_base`` (they interpolate weights, not only deltas).
         device: Where the method computes (``cpu`` or ``cuda``).
+        space: The merge space: ``full`` (the deltas as they are), ``core`` (Core Space) or
+            ``knots`` (KnOTS); the latter two need ``LowRank`` deltas and give ``LowRank``
+            results (see ``docs/spaces.md``).
 
     Returns:
         The merged deltas and statistics.
 
     Raises:
-        ConfigError: Unknown method or bad parameters, or a method that needs the base model
-            called without ``base``.
+        ConfigError: Unknown method or bad parameters, a method that needs the base model
+            called without ``base``, or an unknown space or one the method does not run in.
         InputError: A key missing from ``base``; tasks whose deltas for one key have
-            different shapes, a delta that holds NaN or Inf, or a merged delta that does.
+            different shapes, a delta that holds NaN or Inf, or a merged delta that does; in
+            ``core``/``knots``, a delta that is not ``LowRank``.
 
     Example:
         >>> out = merge_deltas("star", [adapter_a, adapter_b], {"eta": 40})
@@ -73,6 +79,10 @@ def merge_deltas(
             raise ConfigError([f"{method} does not use per-model weights, got weights={weights}"])
         given["weights"] = [float(w) for w in weights]
     params = spec.resolve(given)
+    count = spec.models_problem(len(task_deltas))
+    if count:
+        raise ConfigError([count])
+    check_space(spec, space)
     shapes = _shapes(task_deltas)
 
     read_base = _base_reader(spec, base, shapes)
@@ -80,9 +90,10 @@ def merge_deltas(
     def read(key: str) -> list[Delta | None]:
         return [t.get(key) for t in task_deltas]
 
-    state = fit_state(spec, params, len(task_deltas), shapes, read, base=read_base, device=device)
+    args = {"base": read_base, "device": device, "space": space}
+    state = fit_state(spec, params, len(task_deltas), shapes, read, **args)
     merged, per_param = {}, {}
-    results = merge_params(spec, params, state, shapes, read, base=read_base, device=device)
+    results = merge_params(spec, params, state, shapes, read, **args)
     for key, result in results:
         merged[key] = result.delta
         if result.stats:

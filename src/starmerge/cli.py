@@ -1,4 +1,4 @@
-"""The ``starmerge`` command line: merge, validate, methods, demo, report.
+"""The ``starmerge`` command line: merge, validate, extract, methods, demo, report.
 
 User errors (``StarmergeError``) print one ``error: ...`` line on stderr and exit 2, with no
 traceback unless ``--debug`` is given; the output directory is left as it was.
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -95,10 +96,36 @@ def _print_plan(plan) -> None:
     for label, keys in plan.missing.items():
         click.echo(f"  {label} lacks {len(keys)} of them (a zero delta for that task)")
     click.echo(f"output: {cfg.output.format}, dtype {str(plan.out_dtype).removeprefix('torch.')}")
+    click.echo(f"space: {cfg.space}")
     click.echo(
         f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.1f} MiB "
         "(beyond the Python/torch runtime)"
     )
+
+
+@cli.command(short_help="Extract a LoRA adapter from a full fine-tune (truncated SVD per module).")
+@click.argument("paths", nargs=-1, metavar="[BASE FINETUNED] OUT_DIR")
+@click.option("--base", help="The base model (instead of BASE).")
+@click.option("--model", help="The full fine-tune (instead of FINETUNED).")
+@click.option("--rank", type=int, help="The rank of every module's adapter.")
+@click.option("--energy", type=float, help="Per module, keep this fraction of sum(s^2).")
+@click.option("--max-rank", type=int, help="A cap on the rank that --energy chooses.")
+@click.option("--target-modules", help="Comma-separated module names, e.g. q_proj,v_proj.")
+@click.option("--modules-to-save", is_flag=True, help="Save changed norms, biases etc. whole.")
+@click.option("--skip-non-matrix", is_flag=True, help="Leave them out (listed in starmerge.json).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(paths: tuple[str, ...], **flags: Any) -> None:
+    """Write a PEFT LoRA adapter of FINETUNED - BASE into OUT_DIR (--rank R or --energy E).
+
+    Each 2-D weight but the embeddings and LM head gets the truncated SVD of its change (see
+    docs/extract.md). Also `extract --base BASE --model FINETUNED OUT_DIR`.
+    """
+    from starmerge.extract_write import extract_command
+
+    click.echo(extract_command(paths, flags))
 
 
 @cli.command()

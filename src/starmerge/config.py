@@ -17,6 +17,7 @@ from starmerge.errors import ConfigError, UnknownNameError, short_repr
 from starmerge.methods import METHODS
 from starmerge.overrides import apply_overrides
 from starmerge.schema import option, parse_section, section_keys
+from starmerge.space_form import space_problem
 from starmerge.yaml_io import load_yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,6 +42,7 @@ class _TopKeys:
     models: Any = None
     output: Any = None
     data: Any = None
+    space: Any = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class _ModelEntry:
     model: str | None = option(None, check=_nonempty, expect=_SOURCE)
     weight: float | None = option(None, fix="give a number such as 1.0")
     name: str | None = None
+
+
+@dataclass(frozen=True)
+class _SpaceKey:
+    """The top-level ``space`` key, checked on its own (a bad value keeps the other keys)."""
+
+    space: Literal["full", "core", "knots"] = option("full", expect="one of full, core, knots")
 
 
 TOP_KEYS = tuple(section_keys(_TopKeys))
@@ -91,6 +100,7 @@ class RunConfig:
     base_model: str | None = None
     output: OutputSpec = field(default_factory=OutputSpec)
     data: DataSpec | None = None
+    space: str = "full"  # full | core | knots: where the method merges (docs/spaces.md)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (written next to every output)."""
@@ -105,6 +115,7 @@ class RunConfig:
             "models": models,
             "output": asdict(self.output),
             **({"data": asdict(self.data)} if self.data is not None else {}),
+            "space": self.space,
         }
 
 
@@ -143,18 +154,21 @@ def parse_config(raw: Any) -> RunConfig:
     problems: list[str] = []
     top = parse_section(_TopKeys, raw, "", problems)
     base = top.base_model if top is not None else None
+    space = _space(raw, problems)
     method, params = _method(raw, problems)
     models = _models(raw.get("models"), problems)
     output = parse_section(OutputSpec, raw.get("output") or {}, "output", problems)
     data = parse_data(raw.get("data"), len(models), problems)
     if output is not None:
         output = replace(output, max_shard_size=str(output.max_shard_size))
-        _cross_checks(method, params, models, output, base, problems)
+        _cross_checks(method, params, models, output, base, space, problems)
+        _space_checks(method, models, output, space, problems)
     if data is not None or raw.get("data") is None:  # an invalid section is reported already
         data_checks(method, params, data, base, problems)
     if problems:
         raise ConfigError(problems)
-    return RunConfig(method or "", params, tuple(models), base, output or OutputSpec(), data)
+    output = output or OutputSpec()
+    return RunConfig(method or "", params, tuple(models), base, output, data, space or "full")
 
 
 def _method(raw: Mapping, problems: list[str]) -> tuple[str | None, dict[str, Any]]:
@@ -177,6 +191,36 @@ def _method(raw: Mapping, problems: list[str]) -> tuple[str | None, dict[str, An
     except ConfigError as exc:
         problems.extend(exc.problems)
         return name, dict(given)
+
+
+def _space(raw: Mapping, problems: list[str]) -> str | None:
+    """The merge space (``full`` when absent), or None when the value is invalid (reported)."""
+    if "space" not in raw:
+        return "full"
+    parsed = parse_section(_SpaceKey, {"space": raw["space"]}, "", problems)
+    return None if parsed is None else parsed.space
+
+
+def _space_checks(
+    method: str | None,
+    models: list[ModelSpec],
+    output: OutputSpec,
+    space: str | None,
+    problems: list[str],
+) -> None:
+    """``core``/``knots`` need LoRA adapters as inputs and a method that runs in the space."""
+    if space in (None, "full"):
+        return
+    full = [i for i, m in enumerate(models) if m.kind == "model"]
+    if full and output.format == "model":  # adapter output says so already (_cross_checks)
+        problems.append(
+            f"space: {space} merges LoRA adapters in a shared low-rank basis, but "
+            f"models[{full[0]}] is a full fine-tuned model (`model:` entry); use space: full"
+        )
+    if method is not None and method in METHODS:
+        problem = space_problem(METHODS.get(method), space)
+        if problem:
+            problems.append(problem)
 
 
 def _models(raw: Any, problems: list[str]) -> list[ModelSpec]:
@@ -206,6 +250,7 @@ def _cross_checks(
     models: list[ModelSpec],
     output: OutputSpec,
     base: str | None,
+    space: str | None,
     problems: list[str],
 ) -> None:
     has_full = any(m.kind == "model" for m in models)
@@ -234,7 +279,11 @@ def _cross_checks(
             f"{method} does not use per-model weights, got models[].weight; remove "
             "them or use task_arithmetic"
         )
-    if output.format == "adapter" and not spec.lowrank_output and output.rank is None:
+    count = spec.models_problem(len(models))
+    if count:
+        problems.append(count)
+    exact = spec.exact_lowrank(params) or space != "full"  # a lifted merge is low rank (None: bad)
+    if output.format == "adapter" and not exact and output.rank is None:
         problems.append(
             f"{method} is elementwise, so its merge is not low-rank: set output.rank "
             "(the SVD rank of the merged adapter) or use output.format: model"

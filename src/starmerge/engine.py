@@ -25,6 +25,7 @@ from starmerge.manifest import (
     build_manifest,
     input_hashes,
     input_paths,
+    layout_stats,
     write_manifest,
     write_model_card,
 )
@@ -105,6 +106,7 @@ def _run(
         base=_base_reader(plan),
         device=device,
         progress=progress,
+        space=plan.config.space,
     )
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         if plan.config.output.format == "model":
@@ -140,6 +142,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
         keys=[k for k in keys if k in plan.shapes],
         base=_base_reader(plan),
         device=device,
+        space=plan.config.space,
     )
     per_param: dict[str, dict] = {}
     for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
@@ -158,7 +161,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
     if artifacts is not None:
         artifacts.close()
     copy_model_files(plan.base_path, tmp)
-    return {"per_parameter": per_param, **_layout_stats(plan)}
+    return {"per_parameter": per_param, **layout_stats(plan)}
 
 
 def _check_output_finite(
@@ -183,20 +186,6 @@ def _check_output_finite(
     )
 
 
-def _layout_stats(plan: Plan) -> dict[str, Any]:
-    """Per adapter input, the ``fan_in_fan_out`` flag and the modules whose delta was transposed.
-
-    Empty when no adapter sets the flag or is transposed (see ``io.adapter`` for the rule).
-    """
-    out = {}
-    for i, t in enumerate(plan.tasks):
-        transposed = sorted(getattr(t.source, "transposed", ()))
-        flag = bool(getattr(t.source, "fan_in_fan_out", False))
-        if flag or transposed:
-            out[f"models[{i}]"] = {"flag": flag, "transposed": transposed}
-    return {"fan_in_fan_out": out} if out else {}
-
-
 def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: bool) -> dict:
     modules: dict[str, LowRank] = {}
     per_param: dict[str, dict] = {}
@@ -210,6 +199,7 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
         plan.read,
         base=_base_reader(plan),
         device=device,
+        space=plan.config.space,
     )
     for key, result in tqdm(
         results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
@@ -236,7 +226,7 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
         dtype=plan.out_dtype,
         fan_in_fan_out=flag,
     )
-    summary = {"per_parameter": per_param, **_layout_stats(plan)}
+    summary = {"per_parameter": per_param, **layout_stats(plan)}
     if energies:
         summary["svd_energy_kept_min"] = min(energies)
     return summary

@@ -50,6 +50,40 @@ def input_hashes(plan: Plan) -> dict[str, dict[str, str]]:
     return out
 
 
+def layout_stats(plan: Plan) -> dict[str, Any]:
+    """Per adapter input, the ``fan_in_fan_out`` flag and the modules whose delta was transposed.
+
+    Empty when no adapter sets the flag or is transposed (see ``io.adapter`` for the rule).
+    """
+    out = {}
+    for i, t in enumerate(plan.tasks):
+        transposed = sorted(getattr(t.source, "transposed", ()))
+        flag = bool(getattr(t.source, "fan_in_fan_out", False))
+        if flag or transposed:
+            out[f"models[{i}]"] = {"flag": flag, "transposed": transposed}
+    return {"fan_in_fan_out": out} if out else {}
+
+
+def space_summary(space: str, per_parameter: dict[str, dict]) -> dict[str, Any]:
+    """The merge space and, for ``core``/``knots``, the sizes of the coordinates.
+
+    Each parameter's ``core_shape`` ``[p, q]`` is in its per-parameter statistics; this gives
+    their range over the merge (``rows``: p, ``cols``: q; min, max, mean).
+
+    Example:
+        >>> space_summary("core", {"w": {"core_shape": [8, 6]}})["rows"]
+        {'min': 8, 'max': 8, 'mean': 8.0}
+    """
+    shapes = [st["core_shape"] for st in per_parameter.values() if "core_shape" in st]
+    if space == "full" or not shapes:
+        return {"name": space}
+    out: dict[str, Any] = {"name": space, "parameters": len(shapes)}
+    for axis, label in enumerate(("rows", "cols")):
+        sizes = [s[axis] for s in shapes]
+        out[label] = {"min": min(sizes), "max": max(sizes), "mean": sum(sizes) / len(sizes)}
+    return out
+
+
 def build_manifest(
     plan: Plan, state: Any, stats: dict, wall_s: float, memory: Any, hashes: dict[str, dict]
 ) -> dict:
@@ -79,6 +113,7 @@ def build_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
         "method": {"name": plan.method.name, "parameters": plan.params, "paper": plan.method.paper},
+        "space": space_summary(plan.config.space, stats.get("per_parameter", {})),
         "base_model": base,
         "inputs": inputs,
         "missing_modules": plan.missing,
@@ -114,6 +149,8 @@ def write_model_card(out_dir: Path, manifest: dict) -> Path:
     """
     method = manifest["method"]
     params = ", ".join(f"{k}={v}" for k, v in method["parameters"].items()) or "none"
+    space = manifest.get("space", {}).get("name", "full")
+    where = "" if space == "full" else f" in {space} space"
     lines = [
         "---",
         "tags: [merge, starmerge]",
@@ -121,7 +158,7 @@ def write_model_card(out_dir: Path, manifest: dict) -> Path:
         f"# Merged model ({method['name']})",
         "",
         f"Made with starmerge {manifest['versions'].get('starmerge')} using `{method['name']}` "
-        f"({params}); paper: {method['paper'] or 'n/a'}.",
+        f"({params}){where}; paper: {method['paper'] or 'n/a'}.",
         "",
         f"Base model: `{(manifest['base_model'] or {}).get('source')}`",
         "",

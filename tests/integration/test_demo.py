@@ -52,10 +52,14 @@ def test_files_appear_and_the_json_is_valid(runs):
 def test_every_method_is_a_row(runs):
     _, first, _ = runs
     assert first["failed"] == {}
-    assert first["skipped"] == []  # at their defaults the demo provides every method's data
+    # At their defaults the demo provides every method's data; only the methods that merge a
+    # fixed number of models other than these 3 (SLERP-like, nearswap) are skipped.
+    n = len(first["tasks"])
+    fixed = [m for m in METHODS.names() if METHODS.get(m).models_problem(n)]
+    assert first["skipped"] == fixed and {"slerp", "nuslerp", "nearswap"} <= set(fixed)
     names = [row["name"] for row in first["rows"]]
-    assert names == ["base", "individual", *METHODS.names(), "task_arithmetic scaling=0.3",
-                     TRAINED]  # fmt: skip
+    merged = [m for m in METHODS.names() if m not in fixed]
+    assert names == ["base", "individual", *merged, "task_arithmetic scaling=0.3", TRAINED]
     assert _rows(first)[TRAINED]["parameters"]["mode"] == "trained"
     assert _rows(first)["star"]["parameters"] == {"eta": 40.0}
 

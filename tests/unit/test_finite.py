@@ -146,6 +146,7 @@ def test_in_range_parameters_accepted():
     assert METHODS.get("task_arithmetic").resolve({"scaling": -1000, "weights": [0.5, 1000]}) == {
         "scaling": -1000,
         "weights": [0.5, 1000],
+        "normalize": False,
     }
     assert METHODS.get("localize_stitch").resolve({"sparsity": None})["sparsity"] is None
 
@@ -157,8 +158,8 @@ def test_merged_overflow_stops_the_merge():
         merge_deltas("task_arithmetic", tasks, {"scaling": 10.0})
     assert str(err.value) == (
         "the task_arithmetic merge of 'layer.weight' is not finite (NaN or Inf) with parameters "
-        "{'scaling': 10.0, 'weights': None}; lower the parameters (scaling, weights, alpha) or "
-        "check the inputs of this parameter"
+        "{'scaling': 10.0, 'weights': None, 'normalize': False}; lower the parameters "
+        "(scaling, weights, alpha) or check the inputs of this parameter"
     )
     ok = merge_deltas("task_arithmetic", tasks, {"scaling": 1.0})
     assert torch.equal(ok.deltas["layer.weight"].tensor, torch.full((2, 2), 6e37))

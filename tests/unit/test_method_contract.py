@@ -142,7 +142,8 @@ def test_starmerge_methods_shows_the_declarations(shrink_to_base):
     assert "fisher" in mats["data_step"]["parameters"] and "fisher" not in mats["parameters"]
     assert rows["localize_stitch"]["data_step"]["at_defaults"] is None
     assert rows["shrink_to_base"]["needs_base"] is True
-    assert all(r["spaces"] == ["full"] for r in rows.values())
+    assert rows["ties"]["spaces"] == ["core", "full", "knots"]
+    assert rows["mats"]["spaces"] == rows["shrink_to_base"]["spaces"] == ["full"]
     text = runner.invoke(cli, ["methods"]).output
     assert "star: STAR" in text and "separable: mean of a per-task transform" in text
     assert (

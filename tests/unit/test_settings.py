@@ -1,9 +1,12 @@
 """Per-key parameter values (layer gradients, name filters): mergekit's rules, hand-worked."""
 
 import pytest
+import torch
 
+from starmerge.api import merge_deltas
 from starmerge.errors import ConfigError
 from starmerge.methods import METHODS
+from starmerge.pipeline import combine_tasks, transform_task
 from starmerge.settings import (
     Condition,
     PerKey,
@@ -12,6 +15,7 @@ from starmerge.settings import (
     layer_depth,
     parse_setting,
 )
+from starmerge.tensors.delta import Dense
 
 
 def no_check(value):
@@ -73,8 +77,9 @@ def test_resolve_gives_per_key_values_and_params_at_evaluates_them():
     star = METHODS.get("star")
     params = star.resolve({"eta": [20.0, 60.0]})
     assert isinstance(params["eta"], PerKey)
-    assert star.params_at(params, "model.layers.0.q.weight", 0.0) == {"eta": 20.0}
-    assert star.params_at(params, "model.layers.9.q.weight", 0.5) == {"eta": pytest.approx(40.0)}
+    assert star.params_at(params, "model.layers.0.q.weight", 19) == {"eta": 20.0}
+    assert star.params_at(params, "model.layers.9.q.weight", 19) == {"eta": pytest.approx(40.0)}
+    assert star.params_at(params, "lm_head.weight", 19) == {"eta": 20.0}  # outside: t = 0
 
 
 def test_resolve_refuses_out_of_range_gradient_entries():
@@ -90,3 +95,30 @@ def test_parameter_read_by_a_fit_step_takes_one_value():
 def test_list_valued_parameter_keeps_its_list():
     params = METHODS.get("task_arithmetic").resolve({"weights": [1.0, 2.0]})
     assert params["weights"] == [1.0, 2.0]
+
+
+def test_merge_uses_each_layers_value_and_the_separable_parts_agree():
+    g = torch.Generator().manual_seed(0)
+    keys = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    tasks = [{k: Dense(torch.randn(6, 5, generator=g)) for k in keys} for _ in range(2)]
+    merged = merge_deltas("star", tasks, {"eta": [20.0, 100.0]}).deltas
+    for i, key in enumerate(keys):  # t = 0, 0.5, 1 -> eta 20, 60, 100
+        alone = merge_deltas("star", [{key: t[key]} for t in tasks], {"eta": 20.0 + 40.0 * i})
+        torch.testing.assert_close(merged[key].to_dense(), alone.deltas[key].to_dense())
+    star = METHODS.get("star")
+    params = star.resolve({"eta": [20.0, 100.0]})
+    parts = [transform_task(star, params, t, i, 2) for i, t in enumerate(tasks)]
+    combined, _ = combine_tasks(star, params, parts)
+    for key in keys:
+        torch.testing.assert_close(combined[key].to_dense(), merged[key].to_dense())
+
+
+def test_filter_condition_applies_to_matching_keys_only():
+    g = torch.Generator().manual_seed(1)
+    keys = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    tasks = [{k: Dense(torch.randn(4, 4, generator=g)) for k in keys} for _ in range(2)]
+    setting = [{"filter": "self_attn", "value": 0.0}, {"value": 1.0}]
+    merged = merge_deltas("task_arithmetic", tasks, {"scaling": setting}).deltas
+    assert torch.count_nonzero(merged[keys[0]].to_dense()) == 0
+    want = tasks[0][keys[1]].tensor + tasks[1][keys[1]].tensor
+    torch.testing.assert_close(merged[keys[1]].to_dense(), want)

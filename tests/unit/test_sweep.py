@@ -255,7 +255,10 @@ def test_cli_dry_runs(tmp_path):
     )
     res = runner.invoke(sweep_cmd, [str(sweep_file), "--out", str(tmp_path / "s"), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "ties(density=0.2, scaling=1.0, trim=global) on 3 tasks" in res.output
+    assert (
+        "ties(densities=None, density=0.2, normalize=True, rescale=False, scaling=1.0, trim=global"
+        in res.output
+    )
     res = runner.invoke(reproduce_cmd, ["flan-t5-large", "--param", "star", "--dry-run"])
     assert isinstance(res.exception, ConfigError)
 

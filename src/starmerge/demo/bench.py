@@ -113,15 +113,26 @@ class DemoBench:
         """
         params = self.stats.complete(method, tasks, params)  # + statistics, when needed
         start, at_start = time.perf_counter(), rss_anon_bytes() or 0
+        deltas = [self.adapters[t].deltas for t in tasks]
+        base = self._base(deltas) if METHODS.get(method).needs_base else None
         with PeakMemory() as memory:
-            merged = merge_deltas(method, [self.adapters[t].deltas for t in tasks], params)
+            merged = merge_deltas(method, deltas, params, base=base)
         if row is not None:
             self.merge_s[row] = round(time.perf_counter() - start, 3)
             self.merge_peak_bytes[row] = max(0, memory.peak - at_start)
         return merged.deltas
 
+    def _base(self, deltas: Sequence[Mapping[str, Delta]]) -> dict[str, Tensor]:
+        """The backbone's own tensor of every merged key (for methods that need the base)."""
+        params = dict(self.tier.module.named_parameters())
+        return {k: params[k].detach() for d in deltas for k in d}
+
     def plan(self, methods: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
-        """(row name, method, parameters) per merge; skipped: data the demo cannot provide."""
+        """(row name, method, parameters) per merge.
+
+        Skipped: data the demo cannot provide, or a method that does not merge this many
+        models (SLERP: two at most).
+        """
         names = METHODS.names() if methods is None else methods
         candidates = [(name, name, {}) for name in names] + [
             (" ".join([name, *(f"{k}={v}" for k, v in given.items())]), name, given)
@@ -130,7 +141,9 @@ class DemoBench:
         ]
         rows = []
         for label, name, given in candidates:
-            if self.stats.unavailable(name, METHODS.get(name).resolve(given)):
+            method = METHODS.get(name)
+            unavailable = self.stats.unavailable(name, method.resolve(given))
+            if unavailable or method.models_problem(len(self.adapters)):
                 self.skipped.append(label)
             else:
                 rows.append((label, name, given))

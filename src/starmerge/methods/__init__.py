@@ -13,6 +13,22 @@ from starmerge.methods import (  # noqa: E402,F401  isort: skip
     mats,
     fisher_regmean,
     localize_stitch,
+    tsv_m,
+    iso,
+    cart,
+    wudi,
+    linear,
+    dare,
+    breadcrumbs,
+    della,
+    sce,
+    slerp,
+    multislerp,
+    karcher,
+    model_stock,
+    nearswap,
+    arcee_fusion,
+    ram,
 )
 
 __all__ = ["METHODS", "Merged", "Method", "Param", "register_method"]

@@ -22,12 +22,13 @@ from typing import Any, Literal
 
 from starmerge.errors import ConfigError, did_you_mean, short_repr
 from starmerge.methods.contract import (
-    FULL_SPACE,
+    ALL_SPACES,
     STATISTICS,
     DataRequest,
     Fitter,
     Merged,
     Separable,
+    default_spaces,
 )
 from starmerge.methods.params import (  # noqa: F401  (re-exported: methods import them here)
     MAX_FACTOR,
@@ -40,7 +41,7 @@ from starmerge.methods.params import (  # noqa: F401  (re-exported: methods impo
     takes_per_key,
 )
 from starmerge.registry import Registry
-from starmerge.settings import PerKey, is_per_key, parse_setting
+from starmerge.settings import PerKey, is_per_key, layer_depth, parse_setting
 
 Accepts = frozenset[Literal["dense", "lowrank"]]
 
@@ -58,7 +59,8 @@ class Method:
         fit: ``fit(n_tasks, **params) -> Fitter`` for whole-model statistics, or None; it gets
             every resolved parameter but ``statistics``, and with a ``data`` step also
             ``statistics=`` (one opened ``StatsFile`` per task, or None).
-        lowrank_output: True when low-rank inputs give an exactly low-rank result.
+        lowrank_output: True when low-rank inputs give an exactly low-rank result, or
+            ``lowrank_output(params) -> bool`` when that depends on the parameters.
         paper: The paper's URL.
         summary: One line for ``starmerge methods``.
         artifacts: ``{name: (shape_fn, dtype)}``: the per-parameter artifact tensors ``fn``
@@ -70,10 +72,14 @@ class Method:
         needs_base: ``fn`` (and the fitter's ``observe``) get ``base=``, the base model's
             tensor of the parameter.
         separable: The merge as a mean or sum of a per-task transform, or None.
-        spaces: The merge spaces the method accepts (only ``full`` exists).
+        spaces: The merge spaces the method runs in (``full``, ``core``, ``knots``); None
+            (the default) derives them with :func:`~starmerge.methods.contract.default_spaces`:
+            every space for a method that takes dense deltas and has no base tensor, data step
+            or artifacts, else ``full`` only.
         fit_reads: ``fit_reads(params) -> names``: the parameters the fit step reads with
             these values (None: all of them). The others may vary per parameter key (layer
             gradients, name filters: :mod:`starmerge.settings`).
+        n_models: ``(least, most)`` models the method merges (``most`` None: no limit).
     """
 
     name: str
@@ -81,7 +87,7 @@ class Method:
     params: Mapping[str, Param]
     accepts: Accepts
     fit: Callable[..., Fitter] | None = None
-    lowrank_output: bool = False
+    lowrank_output: bool | Callable[[Mapping[str, Any]], bool] = False
     paper: str = ""
     summary: str = ""
     artifacts: Mapping[str, tuple[Callable[[tuple[int, ...], int], tuple[int, ...]], Any]] = field(
@@ -91,8 +97,34 @@ class Method:
     data: Callable[[Mapping[str, Any]], DataRequest | None] | None = None
     needs_base: bool = False
     separable: Separable | None = None
-    spaces: frozenset[str] = FULL_SPACE
+    spaces: frozenset[str] | None = None  # None: derived in __post_init__
     fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None
+    n_models: tuple[int, int | None] = (1, None)
+
+    def exact_lowrank(self, params: Mapping[str, Any]) -> bool:
+        """Whether low-rank inputs give an exactly low-rank merge with these parameters."""
+        if callable(self.lowrank_output):
+            return bool(self.lowrank_output(params))
+        return self.lowrank_output
+
+    def models_problem(self, n: int) -> str | None:
+        """Why ``n`` models cannot be merged by this method (None: they can)."""
+        return count_problem(self.name, n, self.n_models)
+
+    def __post_init__(self) -> None:
+        if self.spaces is None:
+            derived = default_spaces(
+                self.accepts,
+                needs_base=self.needs_base,
+                has_data=self.data is not None,
+                has_artifacts=bool(self.artifacts),
+            )
+            object.__setattr__(self, "spaces", derived)
+        elif "full" not in self.spaces or not self.spaces <= ALL_SPACES:
+            raise ValueError(
+                f"{self.name}: spaces must hold full and only {', '.join(sorted(ALL_SPACES))}, "
+                f"got {sorted(self.spaces)}"
+            )
 
     @property
     def all_params(self) -> dict[str, Param]:
@@ -152,15 +184,17 @@ class Method:
             return frozenset(self.all_params)
         return frozenset(self.fit_reads(values))
 
-    def params_at(self, params: Mapping[str, Any], key: str, t: float) -> dict[str, Any]:
-        """The kernel's parameters at parameter ``key`` (layer depth ``t``).
+    def params_at(self, params: Mapping[str, Any], key: str, n_layers: int) -> dict[str, Any]:
+        """The kernel's parameters at parameter ``key``, one of ``n_layers`` numbered blocks.
 
-        Per-key values (gradients, filters) are evaluated and cast to the parameter's type.
+        Per-key values (layer gradients, name filters) are evaluated at the key's depth and
+        cast to the parameter's type (:mod:`starmerge.settings`).
         """
         out = self.kernel_args(params)
         for name, value in out.items():
             if isinstance(value, PerKey):
-                out[name] = as_param_type(value.at(key, t), self.params[name].default)
+                depth = layer_depth(key, n_layers)
+                out[name] = as_param_type(value.at(key, depth), self.params[name].default)
         return out
 
     def kernel_args(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,6 +220,25 @@ class Method:
         return self.fit(n_tasks, **args)
 
 
+def count_problem(method: str, n: int, allowed: tuple[int, int | None]) -> str | None:
+    """Why ``method`` cannot merge ``n`` models, given the ``(least, most)`` it takes.
+
+    Example:
+        >>> count_problem("slerp", 3, (1, 2))
+        'slerp takes 1 or 2 models, got 3; list 1 or 2 models under models:'
+    """
+    lo, hi = allowed
+    if n >= lo and (hi is None or n <= hi):
+        return None
+    if hi is None:
+        want = f"at least {lo} models"
+    elif lo == hi:
+        want = f"exactly {lo} model{'s' if lo > 1 else ''}"
+    else:
+        want = f"{lo} or {hi} models" if hi == lo + 1 else f"{lo} to {hi} models"
+    return f"{method} takes {want}, got {n}; list {want} under models:"
+
+
 METHODS: Registry[Method] = Registry("method")
 
 
@@ -195,7 +248,7 @@ def register_method(
     params: Mapping[str, Param] | None = None,
     accepts: Sequence[str] = ("dense",),
     fit: Callable[..., Fitter] | None = None,
-    lowrank_output: bool = False,
+    lowrank_output: bool | Callable[[Mapping[str, Any]], bool] = False,
     paper: str = "",
     artifacts: Mapping[str, tuple[Callable[[tuple[int, ...], int], tuple[int, ...]], Any]]
     | None = None,
@@ -203,8 +256,9 @@ def register_method(
     data: Callable[[Mapping[str, Any]], DataRequest | None] | None = None,
     needs_base: bool = False,
     separable: Separable | None = None,
-    spaces: Sequence[str] = tuple(FULL_SPACE),
+    spaces: Sequence[str] | None = None,
     fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
+    n_models: tuple[int, int | None] = (1, None),
 ) -> Callable[[Callable[..., Merged]], Callable[..., Merged]]:
     """Register ``fn`` as merge method ``name`` (the arguments are :class:`Method`'s fields).
 
@@ -231,8 +285,9 @@ def register_method(
                 data=data,
                 needs_base=needs_base,
                 separable=separable,
-                spaces=frozenset(spaces),
+                spaces=None if spaces is None else frozenset(spaces),
                 fit_reads=fit_reads,
+                n_models=n_models,
             ),
         )
         return fn

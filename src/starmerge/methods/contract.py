@@ -8,18 +8,21 @@ kernel, a :class:`~starmerge.methods.base.Method` declares as data, so that noth
   from task data with these parameters; ``stats/`` collects them, the fit step reads them.
 - ``separable: Separable | None``: the merge is the mean (or sum) over tasks of a per-task
   transform, so callers that merge many task subsets (sweeps) may cache each task's transform.
+- ``spaces``: the merge spaces it runs in; by default derived by :func:`default_spaces`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from starmerge.errors import ConfigError
 from starmerge.tensors.delta import Delta
+from starmerge.tensors.spaces import SPACES
 
 FULL_SPACE: frozenset[str] = frozenset({"full"})  # the merge spaces every method accepts
+ALL_SPACES: frozenset[str] = frozenset(SPACES)  # full, core (Core Space) and knots (KnOTS)
 STATISTICS = "statistics"  # the data-step parameter that gives precomputed statistics
 
 
@@ -152,3 +155,21 @@ class Separable:
                 )
             out[keyword] = values[task]
         return out
+
+
+def default_spaces(
+    accepts: Collection[str], *, needs_base: bool, has_data: bool, has_artifacts: bool
+) -> frozenset[str]:
+    """The merge spaces a method runs in when it does not declare them.
+
+    In ``core`` and ``knots`` a method gets each task's small coordinates as ``Dense`` deltas
+    (see :mod:`starmerge.tensors.spaces`), so every method that takes dense deltas runs there,
+    except one whose inputs are tied to the parameter itself: the base tensor (``needs_base``),
+    statistics or masks of task data (a ``data`` step), or artifacts shaped like the parameter.
+
+    Example:
+        >>> sorted(default_spaces({"dense"}, needs_base=False, has_data=False, has_artifacts=False))
+        ['core', 'full', 'knots']
+    """
+    tied = needs_base or has_data or has_artifacts
+    return FULL_SPACE if tied or "dense" not in accepts else ALL_SPACES

@@ -30,7 +30,7 @@ def describe(method: Method) -> dict[str, Any]:
         "summary": method.summary,
         "paper": method.paper,
         "accepts": sorted(method.accepts),
-        "lowrank_output": method.lowrank_output,
+        "lowrank_output": method.exact_lowrank(method.resolve({})),
         "parameters": _params(dict(method.params)),
         "data_step": data,
         "needs_base": method.needs_base,

@@ -6,12 +6,16 @@ Bansal; NeurIPS 2023), https://arxiv.org/abs/2306.01708.
 Update rule, for tasks t = 1..T:
     trim:   tau_hat_t = tau_t where |tau_t| >= thr_t, else 0, with thr_t the floor(density * N_t)-th
             largest |entry| of task t (entries tied with it are kept);
-    elect:  gamma = sign(sum_t tau_hat_t)                            (elementwise, "mass" election)
-    merge:  tau_m = mean of the tau_hat_t whose sign equals gamma (0 where none agrees)
+    (rescale: tau_hat_t *= ||tau_t||_1 / ||tau_hat_t||_1 per parameter, mergekit's option)
+    elect:  gamma = sign(sum_t w_t tau_hat_t)                        (elementwise, "mass" election)
+    merge:  tau_m = sum of the w_t tau_hat_t whose sign equals gamma, divided by the sum of
+            their w_t when ``normalize`` (the default: the mean for unit weights; 0 where none
+            agrees)
     result: scaling * tau_m
 
-Symbols <-> arguments: density = k / 100 (the paper's and the seed code's top-k %),
-trim = scope of N_t, scaling = lambda.
+Symbols <-> arguments: density = k / 100 (the paper's and the seed code's top-k %), per model
+``densities`` (None: density for every task), trim = scope of N_t, scaling = lambda, w_t =
+``weights`` (models[].weight; None: all 1, the paper's rule).
 
 N_t: ``trim="global"`` counts every entry task t has over the whole merge (an adapter: its adapted
 matrices; a task lacking a parameter does not count it), found exactly by a two-pass streaming
@@ -27,6 +31,17 @@ Deviations from the reference code (IBM/STAR ``merger/TIES.py``):
 - entries whose trimmed sum is 0 get sign 0 and merge to 0, as in the seed code (the original
   TIES code resolves them to the majority sign; such entries are almost always all zero);
 - called without ``state`` (standalone), the given parameter is taken as the whole model.
+
+mergekit's ``ties`` (``GeneralizedTaskArithmeticMerge``, magnitude sparsification and "sum"
+consensus) is this method with ``trim: local`` (mergekit trims per tensor), its ``lambda`` =
+scaling, per-model ``weight`` / ``density`` = ``weights`` / ``densities``, ``normalize``
+(default true in both) and ``rescale`` (default false in both), except that mergekit
+- keeps max(1, int(density * n)) entries by a float product and an argsort (at least one entry,
+  ties at the threshold broken arbitrarily); here floor(density * n) on the decimal value, every
+  entry tied with the last kept one kept, and none when that floor is 0;
+- elects +1 where the weighted trimmed sum is exactly 0 (so the positive entries there merge);
+  here such entries merge to 0, as the seed code;
+- works in the input dtype (here float32) and requires every ``weight`` (here 1.0 by default).
 """
 
 from __future__ import annotations
@@ -38,12 +53,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from starmerge.methods.base import Merged, Param, factor_range, in_range, register_method
+from starmerge.methods.base import (
+    MAX_FACTOR,
+    Merged,
+    Param,
+    factor_range,
+    in_range,
+    register_method,
+)
+from starmerge.methods.generalized_ta import number_list, per_model
 from starmerge.tensors.delta import Delta, Dense
 from starmerge.tensors.sparsify import (
     RadixSelect,
     keep_count,
     kth_largest_abs_local,
+    l1_rescaled,
     magnitude_trim,
 )
 
@@ -81,8 +105,18 @@ class TiesFitter:
         trim: ``"global"`` (fit thresholds) or ``"local"`` (nothing to fit: one idle pass).
     """
 
-    def __init__(self, n_tasks: int, *, density: float, trim: str = "global", **_: Any):
-        self.density = density
+    def __init__(
+        self,
+        n_tasks: int,
+        *,
+        density: float,
+        trim: str = "global",
+        densities: Sequence[float] | None = None,
+        **_: Any,
+    ):
+        self.densities = per_model(
+            "ties", {"density": density, "densities": densities}, "density", n_tasks
+        )
         self.local = trim == "local"
         self.selects = [RadixSelect() for _ in range(n_tasks)]
         self.pass_no = 0
@@ -106,8 +140,8 @@ class TiesFitter:
         if self.local:
             return False
         if self.pass_no == 1:
-            for sel in self.selects:
-                sel.finish_high(keep_count(self.density, sel.n))
+            for sel, density in zip(self.selects, self.densities, strict=True):
+                sel.finish_high(keep_count(density, sel.n))
             return any(sel.needs_low_pass for sel in self.selects)
         for sel in self.selects:
             sel.finish_low()
@@ -119,7 +153,9 @@ class TiesFitter:
             return TiesState(None)
         return TiesState(
             thresholds=tuple(sel.threshold for sel in self.selects),
-            keep=tuple(keep_count(self.density, sel.n) for sel in self.selects),
+            keep=tuple(
+                keep_count(d, sel.n) for d, sel in zip(self.densities, self.selects, strict=True)
+            ),
             total=tuple(sel.n for sel in self.selects),
         )
 
@@ -128,7 +164,19 @@ def _fit_ties(n_tasks: int, **params: Any) -> TiesFitter:
     return TiesFitter(n_tasks, **params)
 
 
-def disjoint_mean(taus: Sequence[Tensor], thresholds: Sequence[float | None]) -> tuple[Tensor, int]:
+def _trim(tau: Tensor, threshold: float | None, rescale: bool) -> Tensor:
+    trimmed = magnitude_trim(tau, threshold)
+    return l1_rescaled(tau, trimmed) if rescale else trimmed
+
+
+def disjoint_mean(
+    taus: Sequence[Tensor],
+    thresholds: Sequence[float | None],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = True,
+    rescale: bool = False,
+) -> tuple[Tensor, int]:
     """Trim, elect sign and average the agreeing entries; 0 where none agree.
 
     Works task by task (each task trimmed twice rather than all T trimmed copies held), so the
@@ -137,25 +185,31 @@ def disjoint_mean(taus: Sequence[Tensor], thresholds: Sequence[float | None]) ->
     Args:
         taus: The T task deltas (float32).
         thresholds: Per task, the smallest kept ``|entry|`` (None keeps nothing).
+        weights: Per task w_t (None: all 1), applied before the election.
+        normalize: Divide by the summed weights of the agreeing entries (else their sum).
+        rescale: Rescale each trimmed task to its L1 norm before weighting.
 
     Returns:
         The merged tensor and the number of entries kept over all tasks.
     """
-    pairs = list(zip(taus, thresholds, strict=True))
+    ws = [1.0] * len(taus) if weights is None else list(weights)
+    triples = list(zip(taus, thresholds, ws, strict=True))
     total = torch.zeros_like(taus[0])
-    for tau, thr in pairs:
-        total += magnitude_trim(tau, thr)
+    for tau, thr, w in triples:
+        total += _trim(tau, thr, rescale).mul_(w)
     gamma = torch.sign(total)  # Elect Sign
     total.zero_()
     count = torch.zeros_like(total)
     kept = 0
-    for tau, thr in pairs:  # Disjoint Merge: sum and count of the entries agreeing with gamma
-        trimmed = magnitude_trim(tau, thr)
+    for tau, thr, w in triples:  # Disjoint Merge: sum and weight of entries agreeing with gamma
+        trimmed = _trim(tau, thr, rescale).mul_(w)
         kept += int(torch.count_nonzero(trimmed))
         agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)
         total += trimmed.mul_(agree)
-        count += agree
-    return total.div_(count.clamp_(min=1)), kept
+        count += agree * w
+    if not normalize:
+        return total, kept
+    return total.div_(count.masked_fill_(count == 0, 1.0)), kept
 
 
 @register_method(
@@ -168,9 +222,18 @@ def disjoint_mean(taus: Sequence[Tensor], thresholds: Sequence[float | None]) ->
             choices=("global", "local"),
         ),
         "scaling": Param(1.0, "lambda: scales the merged delta", factor_range()),
+        "densities": Param(None, "per-model density (default: density for all)", number_list(0, 1)),
+        "weights": Param(
+            None,
+            "per-model weights w_t (default: models[].weight, else 1.0)",
+            number_list(-MAX_FACTOR, MAX_FACTOR),
+        ),
+        "normalize": Param(True, "divide by the summed weights of the agreeing entries"),
+        "rescale": Param(False, "rescale each trimmed task to its L1 norm (mergekit)"),
     },
     accepts=("dense",),
     fit=_fit_ties,
+    fit_reads=lambda params: () if params["trim"] == "local" else ("density", "densities", "trim"),
     paper="https://arxiv.org/abs/2306.01708",
 )
 def ties(
@@ -179,6 +242,10 @@ def ties(
     density: float = 0.2,
     trim: Literal["global", "local"] = "global",
     scaling: float = 1.0,
+    densities: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    rescale: bool = False,
     state: TiesState | None = None,
 ) -> Merged:
     """TIES: trim each task to its top density, elect sign, average the agreeing entries.
@@ -189,10 +256,17 @@ def ties(
         trim: ``"global"``: thresholds over each task's whole delta (from ``state``);
             ``"local"``: per parameter.
         scaling: Multiplies the merged delta (lambda).
+        densities: Per-task density (None: ``density`` for every task).
+        weights: Per-task w_t (None: all 1).
+        normalize: Divide by the summed weights of the agreeing entries (mean for unit weights).
+        rescale: Rescale each trimmed task to its L1 norm (per parameter).
         state: The fitted :class:`TiesState`; without it the parameter is the whole model.
 
     Returns:
         The merged dense delta and ``{"kept": kept entries over tasks, "total": T * numel}``.
+
+    Raises:
+        ConfigError: ``densities`` or ``weights`` does not have one entry per task.
 
     Example:
         >>> ties([Dense(torch.tensor([1.0, -2.0])), Dense(torch.tensor([3.0, 1.0]))],
@@ -201,10 +275,16 @@ def ties(
     """
     out_dtype = deltas[0].dtype
     taus = [d.to_dense(torch.float32) for d in deltas]  # T x (...)
+    n_tasks = len(taus)
+    ws = per_model("ties", {"weights": weights}, "weight", n_tasks)
     if trim == "local" or state is None or state.thresholds is None:
-        thresholds = [kth_largest_abs_local(t, keep_count(density, t.numel())) for t in taus]
+        ds = per_model("ties", {"density": density, "densities": densities}, "density", n_tasks)
+        thresholds = [
+            kth_largest_abs_local(t, keep_count(d, t.numel()))
+            for t, d in zip(taus, ds, strict=True)
+        ]
     else:
         thresholds = list(state.thresholds)
-    merged, kept = disjoint_mean(taus, thresholds)
+    merged, kept = disjoint_mean(taus, thresholds, ws, normalize=normalize, rescale=rescale)
     stats = {"kept": kept, "total": len(taus) * taus[0].numel()}
     return Merged(Dense(merged.mul_(scaling).to(out_dtype)), stats)

@@ -167,3 +167,87 @@ def magnitude_trim(x: Tensor, threshold: float | None) -> Tensor:
     if threshold is None:
         return torch.zeros_like(x)
     return x * (x.abs() >= threshold)  # a new tensor; the input is never changed
+
+
+# mergekit's sparsifiers (``mergekit/sparsify.py``), one task tensor at a time, in float32.
+# The random ones take the uniform draws ``u`` (same shape as ``x``, in [0, 1)) as an argument:
+# an entry is kept where ``u < p``, which is ``torch.bernoulli(p)`` with the draws made explicit,
+# so the caller decides where the randomness comes from (seeded, reproducible).
+_RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale below this L1 norm
+
+
+def l1_rescaled(x: Tensor, masked: Tensor) -> Tensor:
+    """``masked * (||x||_1 / ||masked||_1)``, mergekit's ``rescale`` (``RescaleNorm.l1``).
+
+    ``masked`` is returned as it is when either L1 norm is below 1e-7 (mergekit's guard), so a
+    zero or all-dropped tensor never divides by zero.
+
+    Example:
+        >>> l1_rescaled(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 3.0]))
+        tensor([0., 4.])
+    """
+    before = x.abs().sum()
+    after = masked.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def random_keep(x: Tensor, keep_prob: float | Tensor, u: Tensor) -> Tensor:
+    """Keep each entry with probability ``keep_prob`` (where ``u < keep_prob``), else 0.
+
+    DARE uses one ``keep_prob`` (its density), DELLA one per entry (its rank's probability).
+
+    Example:
+        >>> random_keep(torch.tensor([1.0, 2.0]), 0.5, torch.tensor([0.2, 0.7]))
+        tensor([1., 0.])
+    """
+    return x * (u.to(x.device) < keep_prob)
+
+
+def outlier_trim(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs' mask (mergekit's ``magnitude_outliers``): drop the largest and smallest.
+
+    With n entries ordered by ``|x|`` ascending, keeps positions ``[n_bot, n_bot + target)``,
+    ``target = int(density * n)``, ``n_top = int(gamma * n)``, ``n_bot = max(0, n - target -
+    n_top)``: the ``n_top`` largest go first, then the smallest, to leave ``target`` entries (when
+    ``density + gamma > 1`` fewer outliers go). Ties in ``|x|`` are ordered by position (a stable
+    sort). ``density >= 1`` returns ``x`` itself.
+
+    Example:
+        >>> outlier_trim(torch.tensor([1.0, -4.0, 3.0, 2.0]), 0.5, 0.25)
+        tensor([0., -0., 3., 2.])
+    """
+    if density >= 1:
+        return x
+    n = x.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.argsort(x.abs().reshape(-1), stable=True)  # ascending |x|
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[order[n_bot : n_bot + target]] = True
+    return x * mask.reshape(x.shape)
+
+
+def della_keep_probs(x: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune keep probabilities (mergekit's ``della_magprune``), shaped like ``x``.
+
+    Along dim 1 (a 1-D tensor is one row), entries are ranked by ``|x|`` (1 = smallest, ties by
+    position); rank r of n gets ``p = (density - epsilon) + (r - 1) / (n - 1) * 2 * epsilon``,
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest). A row of one entry
+    gets ``p = density`` (mergekit's 0 / 0 gives NaN and ``torch.bernoulli`` raises there).
+
+    Example:
+        >>> della_keep_probs(torch.tensor([3.0, -1.0, 2.0]), 0.5, 0.2)
+        tensor([0.7000, 0.3000, 0.5000])
+    """
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.argsort(order, dim=1).to(torch.float32)  # 0-based rank = r - 1
+    if n > 1:
+        rank_norm = (ranks / (n - 1)).clamp(0, 1)
+    else:
+        rank_norm = torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return probs.reshape(x.shape)
