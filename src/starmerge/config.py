@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from starmerge.config_data import DataSpec, data_checks, parse_data, size_check
 from starmerge.errors import ConfigError, UnknownNameError, short_repr
+from starmerge.mergekit_yaml import from_mergekit, is_mergekit
 from starmerge.methods import METHODS
 from starmerge.overrides import apply_overrides
 from starmerge.schema import option, parse_section, section_keys
@@ -122,6 +123,9 @@ class RunConfig:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read, override and validate a merge config.
 
+    A mergekit config (one with ``merge_method:``) is translated first
+    (:mod:`starmerge.mergekit_yaml`); overrides then apply to the translated config.
+
     Args:
         path: The YAML file.
         overrides: ``dotted.key=value`` strings (``parameters.eta=20``, ``method.eta=20``,
@@ -137,6 +141,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         >>> cfg = load_config("configs/star_two_adapters.yaml", ["parameters.eta=20"])
     """
     raw = load_yaml(path, what="config file")
+    if is_mergekit(raw):  # a mergekit config, read as it is (starmerge.mergekit_yaml)
+        raw = from_mergekit(raw)
     return parse_config(apply_overrides({} if raw is None else raw, overrides))
 
 

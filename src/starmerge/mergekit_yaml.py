@@ -14,7 +14,9 @@ mergekit                        starmerge
                                 B must be the config's ``base_model``)
 ``models[].model: B`` (base)    left out (its task vector is zero); with a per-model
                                 ``weight`` kept as a zero-delta model, so that a weight
-                                normalisation (``linear``) counts it as mergekit does
+                                normalisation (``linear``) counts it as mergekit does; and
+                                added for a method that mergekit gives the base as one more
+                                model (``karcher``: ``base_counts_as_model``)
 ``models[].parameters.weight``  ``models[].weight`` (one number per model)
 ``models[].parameters.X``       ``parameters.Xs`` (``density`` -> ``densities``, ``gamma`` ->
                                 ``gammas`` ...: one per model; the global ``X``, else the
@@ -94,6 +96,11 @@ def from_mergekit(raw: Mapping[str, Any]) -> dict[str, Any]:
             params.pop(key)
     base = _base_name(raw.get("base_model"), problems)
     models, per_model = _models(raw.get("models"), base, problems)
+    declared = _declared(method)
+    if base is not None and declared is not None and METHODS.get(method).base_counts_as_model:
+        if {"model": base} not in models:
+            models.insert(0, {"model": base})  # mergekit merges the base as one more model
+            per_model = {k: [None, *v] for k, v in per_model.items()}
     params = _mergekit_defaults(method, params)
     for name, values in per_model.items():
         if all(v is None for v in values):

@@ -100,3 +100,10 @@ def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as err:
         from_mergekit(raw)
     assert len(err.value.problems) == 4
+
+
+def test_karcher_merges_the_base_as_one_more_model():
+    raw = {"merge_method": "karcher", "base_model": "b", "models": [{"model": "m"}, {"model": "n"}]}
+    assert from_mergekit(raw)["models"] == [{"model": "b"}, {"model": "m"}, {"model": "n"}]
+    raw["models"].insert(0, {"model": "b"})  # listed already: not twice
+    assert from_mergekit(raw)["models"] == [{"model": "b"}, {"model": "m"}, {"model": "n"}]

@@ -80,6 +80,8 @@ class Method:
             these values (None: all of them). The others may vary per parameter key (layer
             gradients, name filters: :mod:`starmerge.settings`).
         n_models: ``(least, most)`` models the method merges (``most`` None: no limit).
+        base_counts_as_model: mergekit hands this method its ``base_model`` as one more
+            model (Karcher's mean): a mergekit config's base is then merged as a zero delta.
     """
 
     name: str
@@ -100,6 +102,7 @@ class Method:
     spaces: frozenset[str] | None = None  # None: derived in __post_init__
     fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None
     n_models: tuple[int, int | None] = (1, None)
+    base_counts_as_model: bool = False
 
     def exact_lowrank(self, params: Mapping[str, Any]) -> bool:
         """Whether low-rank inputs give an exactly low-rank merge with these parameters."""
@@ -259,6 +262,7 @@ def register_method(
     spaces: Sequence[str] | None = None,
     fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
     n_models: tuple[int, int | None] = (1, None),
+    base_counts_as_model: bool = False,
 ) -> Callable[[Callable[..., Merged]], Callable[..., Merged]]:
     """Register ``fn`` as merge method ``name`` (the arguments are :class:`Method`'s fields).
 
@@ -288,6 +292,7 @@ def register_method(
                 spaces=None if spaces is None else frozenset(spaces),
                 fit_reads=fit_reads,
                 n_models=n_models,
+                base_counts_as_model=base_counts_as_model,
             ),
         )
         return fn

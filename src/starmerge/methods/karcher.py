@@ -17,8 +17,9 @@ One model, or models that are all equal: that model.
 Symbols <-> arguments: ``max_iter``, ``tol`` as in mergekit. Roles: mergekit averages every model
 it is given (its docs: no base_model); here the models are ``models``, and ``base_model`` only
 turns their task deltas back into weights. A mergekit config that also names a base_model makes
-the base one more point of the mean; to reproduce that, list the base model under ``models`` as
-well (its task delta is zero).
+the base one more point of the mean; starmerge reads such a config with the base added to
+``models`` (a zero task delta; ``base_counts_as_model``), and in a starmerge config the base is
+listed under ``models`` for the same result.
 
 Deviations from mergekit:
 - each iterate is a linear combination of the points, so the iteration runs on their T x T Gram
@@ -117,6 +118,7 @@ def karcher_coefficients(g: Tensor, max_iter: int, tol: float) -> tuple[Tensor, 
     accepts=("dense",),
     needs_base=True,
     paper="https://arxiv.org/abs/2603.04972",
+    base_counts_as_model=True,
 )
 def karcher(
     deltas: Sequence[Delta], *, max_iter: int = 10, tol: float = 1e-5, base: Tensor
