@@ -6,7 +6,7 @@ mergekit a base and models (weights); here the same weights become starmerge's i
 model's tensors and the task deltas ``model - base`` (float32), merged through
 ``starmerge.api.merge_deltas``, and ``base + merged delta`` is compared with mergekit's output.
 
-Role mapping (``docs/methods_mergekit_interp.md``): mergekit's ``base_model`` is our base model;
+Role mapping (``docs/methods_mergekit.md``): mergekit's ``base_model`` is our base model;
 for ``slerp`` between two models (mergekit's base_model is the first) both become our models;
 ``karcher`` (no base_model in mergekit) averages our models, the base only recovers weights;
 a mergekit karcher config that names a base_model counts it as one more point, which our
