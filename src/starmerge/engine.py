@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from starmerge.errors import InputError, short_repr
-from starmerge.io.adapter_writer import write_adapter
+from starmerge.io.adapter_writer import stored_factors, write_adapter
 from starmerge.io.output_dir import (
     atomic_output_dir,
     check_output_dir,
@@ -37,6 +37,7 @@ from starmerge.stats.plan_data import plan_statistics
 from starmerge.tensors.delta import Dense, LowRank
 from starmerge.tensors.factors import truncated_svd
 from starmerge.tensors.finite import all_finite
+from starmerge.tensors.threads import one_thread
 
 
 def resolve_device(device: str) -> str:
@@ -201,11 +202,36 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
         device=device,
         space=plan.config.space,
     )
+    # An exactly low-rank merge is factor work only: one thread (tensors/threads.py).
+    factors_only = plan.method.exact_lowrank(plan.params) or plan.config.space != "full"
+    with one_thread(factors_only):
+        _merge_modules(plan, results, progress, modules, per_param, energies, artifacts)
+        if artifacts is not None:
+            artifacts.close()
+        first = plan.tasks[0].source
+        flag, modules = _writer_layout(plan, modules)
+        write_adapter(
+            tmp,
+            modules,
+            base_model=getattr(first, "base_model", None),
+            task_type=getattr(first, "task_type", None),
+            template_config=getattr(first, "config", None),
+            dtype=plan.out_dtype,
+            fan_in_fan_out=flag,
+        )
+    summary = {"per_parameter": per_param, **layout_stats(plan)}
+    if energies:
+        summary["svd_energy_kept_min"] = min(energies)
+    return summary
+
+
+def _merge_modules(plan: Plan, results, progress: bool, modules, per_param, energies, artifacts):
+    """Consume the merge: each result as the factors to write, its stats and artifacts."""
     for key, result in tqdm(
         results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
     ):
         lowrank, energy = _as_lowrank(key, result, plan.config.output.rank)
-        _check_output_finite(plan, key, *_stored_factors(lowrank, plan.out_dtype))
+        _check_output_finite(plan, key, *stored_factors(lowrank, plan.out_dtype))
         stats = dict(result.stats)
         if energy is not None:
             stats["svd_energy_kept"] = energy
@@ -213,28 +239,6 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
         per_param[key] = stats
         _write_artifacts(artifacts, plan, key, result)
         modules[key] = lowrank
-    if artifacts is not None:
-        artifacts.close()
-    first = plan.tasks[0].source
-    flag, modules = _writer_layout(plan, modules)
-    write_adapter(
-        tmp,
-        modules,
-        base_model=getattr(first, "base_model", None),
-        task_type=getattr(first, "task_type", None),
-        template_config=getattr(first, "config", None),
-        dtype=plan.out_dtype,
-        fan_in_fan_out=flag,
-    )
-    summary = {"per_parameter": per_param, **layout_stats(plan)}
-    if energies:
-        summary["svd_energy_kept_min"] = min(energies)
-    return summary
-
-
-def _stored_factors(delta: LowRank, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors as ``write_adapter`` stores them: the scale folded into b, cast to ``dtype``."""
-    return (delta.b.to(torch.float32) * delta.scale).to(dtype), delta.a.to(dtype)
 
 
 def _writer_layout(plan: Plan, modules: dict[str, LowRank]) -> tuple[bool, dict[str, LowRank]]:

@@ -38,6 +38,7 @@ from starmerge.tensors.delta import Delta, Dense, LowRank, densify, zeros_like_d
 from starmerge.tensors.factors import concat_lowrank
 from starmerge.tensors.finite import delta_finite
 from starmerge.tensors.spaces import Projection
+from starmerge.tensors.threads import one_thread
 
 Reader = Callable[[str], Sequence[Delta | None]]
 BaseReader = Callable[[str], Tensor]  # parameter key -> the base model's tensor
@@ -186,7 +187,8 @@ def merge_params(
         }
         if state is not None:
             kwargs["state"] = state.at(key)
-        merged = method.fn(deltas, **kwargs)
+        with one_thread(all(isinstance(d, LowRank) for d in deltas)):  # small factor work
+            merged = method.fn(deltas, **kwargs)
         if projection is not None:
             stats = {**merged.stats, "core_shape": list(projection.core_shape)}
             merged = Merged(projection.lift(merged.delta), stats)

@@ -173,3 +173,8 @@ def _rank_pattern(ranks: dict[str, int]) -> dict[str, int]:
 def _only_self_matches(rank_pattern: dict[str, int], modules: dict[str, int]) -> bool:
     """Whether PEFT resolves every module's pattern key to itself (or to none if unlisted)."""
     return all(pattern_key(rank_pattern, m) == (m if m in rank_pattern else None) for m in modules)
+
+
+def stored_factors(delta: LowRank, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors as :func:`write_adapter` stores them: the scale folded into b, in ``dtype``."""
+    return (delta.b.to(torch.float32) * delta.scale).to(dtype), delta.a.to(dtype)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from starmerge.tensors.delta import Delta, Dense
+from starmerge.tensors.threads import one_thread
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 _CHUNK = 1 << 22  # entries summed at once: 16 MB of float32 temporaries at most
@@ -30,9 +31,10 @@ def all_finite(t: torch.Tensor) -> bool:
     """
     if not t.is_floating_point():
         return True
-    for chunk in t.reshape(-1).split(_CHUNK):
-        if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
-            return False
+    with one_thread():  # memory-bound reductions: a second thread only waits on a busy machine
+        for chunk in t.reshape(-1).split(_CHUNK):
+            if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
+                return False
     return True
 
 
@@ -51,8 +53,9 @@ def delta_finite(delta: Delta) -> bool:
         return all_finite(delta.tensor)
     if not (math.isfinite(delta.scale) and all_finite(delta.b) and all_finite(delta.a)):
         return False
-    norm_b = float(torch.linalg.vector_norm(delta.b, dtype=torch.float64))
-    norm_a = float(torch.linalg.vector_norm(delta.a, dtype=torch.float64))
+    with one_thread():
+        norm_b = float(torch.linalg.vector_norm(delta.b, dtype=torch.float64))
+        norm_a = float(torch.linalg.vector_norm(delta.a, dtype=torch.float64))
     if abs(delta.scale) * norm_b * norm_a <= FLOAT32_MAX:
         return True
     return all_finite(delta.to_dense(torch.float32))

@@ -71,9 +71,13 @@ def star_factored(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """STAR on ``scale_t * b_t @ a_t`` exactly, without forming the matrices.
 
-    QR of ``b`` and ``a^T`` gives ``delta = Q_B (scale R_B R_A^T) Q_A^T``; the SVD of the small
-    core ``C = U_c diag(s) V_c^T`` is then the exact thin SVD of delta (the other singular values
-    are exactly 0). Computed in float64: the factors are small, O((m + n) r^2) work.
+    With ``b = Q_B R_B`` and ``a^T = Q_A R_A``, ``delta = Q_B (scale R_B R_A^T) Q_A^T``; the SVD
+    of the small core ``C = U_c diag(s) V_c^T`` is then the exact thin SVD of delta (the other
+    singular values are exactly 0). The Grams, eigendecompositions and the core's SVD run in
+    float64 (O((m + n) r^2) work on the factors); ``Q`` is never formed: for the usual
+    well-conditioned factor ``Q_B = b F`` with a small ``F`` (:func:`factor_transform`), so
+    ``b_hat = b (F U_c s~)`` and ``a_hat = (V_c^T G^T) a`` are one GEMM each, in the factors'
+    own precision (float32; float64 kept), with the r x r products folded first.
 
     Args:
         b: ``(T, m, r)`` left factors.
@@ -86,16 +90,39 @@ def star_factored(
         the truncated, rescaled delta (columns beyond ``k_t`` are zero in ``b_hat``).
     """
     rtol = numerical_rtol((b.shape[1], a.shape[2]), b.dtype)
-    b, a = b.to(torch.float64), a.to(torch.float64)
-    q_b, r_b = orthonormal_factor(b)  # (T, m, p), (T, p, r)
-    q_a, r_a = orthonormal_factor(a.mT)  # (T, n, q), (T, q, r)
-    core = scales.to(b)[:, None, None] * (r_b @ r_a.mT)  # (T, p, q)
+    apply = torch.float64 if b.dtype == torch.float64 else torch.float32
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    fb, r_b = factor_transform(b64)  # Q_B = b64 @ fb (None: Householder QR), (T, p, r)
+    fa, r_a = factor_transform(a64.mT)  # Q_A = a64^T @ fa
+    core = scales.to(b64)[:, None, None] * (r_b @ r_a.mT)  # (T, p, q)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)  # (T, p, c), (T, c), (T, c, q)
     k = eta_ranks(s, eta, rtol)
-    s_new = rescaled(s, k, rtol)  # (T, c)
-    b_hat = q_b @ (u_c * s_new[:, None, :])  # (T, m, c)
-    a_hat = vh_c @ q_a.mT  # (T, c, n) = (Q_A V_c)^T
+    left = u_c * rescaled(s, k, rtol)[:, None, :]  # (T, p, c)
+    if isinstance(fb, Tensor):
+        b_hat = b.to(apply) @ (fb @ left).to(apply)  # (T, m, c): one GEMM on the factor
+    else:
+        b_hat = fb[0] @ left
+    if isinstance(fa, Tensor):
+        a_hat = (vh_c @ fa.mT).to(apply) @ a.to(apply)  # (T, c, n) = (Q_A V_c)^T
+    else:
+        a_hat = vh_c @ fa[0].mT
     return b_hat, a_hat, k
+
+
+def factor_transform(x: Tensor) -> tuple[Tensor | tuple[Tensor], Tensor]:
+    """``x = Q R`` with orthonormal ``Q``, given as ``Q = x @ F`` when ``x`` is well conditioned.
+
+    Returns ``(F, R)`` on the Gram route (see :func:`orthonormal_factor`), else ``((Q,), R)``
+    from Householder QR (a 1-tuple, so callers tell the two apart).
+    """
+    gram = x.mT @ x  # (T, r, r)
+    eig, w = torch.linalg.eigh(gram)  # ascending
+    top = eig[..., -1]
+    if bool(((top > 0) & (eig[..., 0] > top * _GRAM_MIN_EIG_RATIO)).all()):
+        root = eig.sqrt()  # (T, r)
+        return w / root[..., None, :], root[..., :, None] * w.mT
+    q, r = torch.linalg.qr(x)
+    return (q,), r
 
 
 # Gram route only when every factor's singular values lie within a factor 1e3 of each other:
