@@ -3,8 +3,10 @@
 The issue's targets (2 CPU cores):
 - the whole ``starmerge merge`` CLI run (adapters in, merged adapter out) at least 1000x faster
   than the seed code's dense path (``torch.linalg.svd``);
-- the merge's own cost (that run minus the same command on two tiny adapters) at least 50x
-  (aim 100x) faster than the seed's low-rank path (``torch.svd_lowrank(q=r+5)``);
+- the merge's own cost (that run minus the same command on two tiny adapters) at least 100x
+  faster than the seed's low-rank path (``torch.svd_lowrank(q=r+5)``), both timed quiet and
+  again beside one CPU-bound process that the benchmark starts and stops itself (a busy loop on
+  one core: the loaded case of a shared machine or CI runner);
 - the merged adapter equal to a float64 reference of STAR to 1e-5 (relative Frobenius).
 
 The seed paths are timed per matrix on a sample (densify ``B @ A * alpha / r`` as its loader
@@ -39,7 +41,7 @@ SIZES = {
               "dense_sample": {"q": 1, "kv": 1}, "lowrank_sample": {"q": 4, "kv": 4},
               "repeats": 2, "acc_layers": "first,last", "crosscheck": False},
 }
-TARGETS = {"dense_speedup_min": 1000.0, "lowrank_speedup_min": 50.0,
+TARGETS = {"dense_speedup_min": 1000.0, "lowrank_speedup_min": 100.0,
            "lowrank_speedup_aim": 100.0, "max_rel_err": 1e-5}
 ETA = 40.0
 R, ALPHA = 16, 32
@@ -331,6 +333,16 @@ def run(quick: bool, do_profile: bool = True) -> dict:
     print(f"  other processes used on average {result['foreign_load_cores']} cores during the "
           "timings (0 = quiet machine)", flush=True)
 
+    print("  loaded: the same CLI and seed low-rank timings beside one busy-loop process",
+          flush=True)
+    with C.BusyLoop(), C.ForeignLoad() as load:
+        loaded_cli = time_cli(cfg, tiny_cfg, work, size["repeats"])
+        loaded_seed = time_seed_path(star_fn, inputs["tasks"], inputs["modules"], size, R,
+                                     size["lowrank_sample"], reps=3)
+    result["loaded"] = {"cli": loaded_cli, "seed_lowrank": loaded_seed,
+                        "foreign_load_cores": load.cores,
+                        "competitor": "python -c 'while True: pass' (one core)"}
+
     print("  accuracy against float64 STAR...", flush=True)
     result["accuracy"] = accuracy(Path(cli["out_dir"]), inputs["tasks"], size)
     if do_profile:
@@ -374,6 +386,14 @@ def verdict(res: dict) -> dict:
     v["pass_dense"] = at_least(v["dense_speedup_wall"], TARGETS["dense_speedup_min"])
     v["pass_lowrank"] = at_least(v["lowrank_speedup_wall"], TARGETS["lowrank_speedup_min"])
     v["meets_lowrank_aim"] = at_least(v["lowrank_speedup_wall"], TARGETS["lowrank_speedup_aim"])
+    loaded = res.get("loaded")
+    if loaded:
+        low_l = loaded["seed_lowrank"]["extrapolated_total"]["wall_s_median"]
+        v["loaded_seed_lowrank_total_wall_s"] = low_l
+        v["loaded_merge_own_wall_s"] = loaded["cli"]["merge_own_wall_s"]
+        v["loaded_lowrank_speedup_wall"] = _ratio(low_l, loaded["cli"]["merge_own_wall_s"])
+        v["pass_lowrank_loaded"] = at_least(v["loaded_lowrank_speedup_wall"],
+                                            TARGETS["lowrank_speedup_min"])
     err = v["max_rel_err"]
     v["pass_accuracy"] = math.isfinite(err) and err <= TARGETS["max_rel_err"]
     return v
@@ -399,7 +419,11 @@ def summary_lines(res: dict) -> list[str]:
         f"  vs seed lowrank: {v['seed_lowrank_total_wall_s']:,.1f} s extrapolated -> "
         f"{x(v['lowrank_speedup_wall'], ',.1f')} wall "
         f"({x(v['lowrank_speedup_cpu'], ',.1f')} CPU)   "
-        f"target >= 50x: {ok(v['pass_lowrank'])} (aim 100x: {ok(v['meets_lowrank_aim'])})",
+        f"target >= 100x: {ok(v['pass_lowrank'])}",
+        *([f"  loaded (+1 busy process): seed lowrank {v['loaded_seed_lowrank_total_wall_s']:,.1f}"
+           f" s, merge's own cost {v['loaded_merge_own_wall_s']:.2f} s -> "
+           f"{x(v['loaded_lowrank_speedup_wall'], ',.1f')}   target >= 100x: "
+           f"{ok(v['pass_lowrank_loaded'])}"] if "loaded_lowrank_speedup_wall" in v else []),
         f"  (diagnostic)   : CLI with OMP/MKL_NUM_THREADS=1: whole run "
         f"{res['cli']['full_1thread_wall_s_min']:.2f} s ({x(v['dense_speedup_wall_1thread'])} vs "
         f"dense), merge's own cost {res['cli']['merge_own_1thread_wall_s']:.2f} s "

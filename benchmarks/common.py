@@ -387,3 +387,20 @@ def _busy_s() -> float | None:
 def _own_s() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+class BusyLoop:
+    """One CPU-bound competing process (a Python busy loop) for the ``with`` block.
+
+    The benchmarks time the loaded case themselves: a neighbour that keeps one core busy, as
+    another job on a shared machine or CI runner does. Started on entry, killed on exit.
+    """
+
+    def __enter__(self) -> BusyLoop:
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)  # let it reach the scheduler before the timings start
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
