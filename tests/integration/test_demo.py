@@ -59,7 +59,9 @@ def test_every_method_is_a_row(runs):
     assert first["skipped"] == fixed and {"slerp", "nuslerp", "nearswap"} <= set(fixed)
     names = [row["name"] for row in first["rows"]]
     merged = [m for m in METHODS.names() if m not in fixed]
-    assert names == ["base", "individual", *merged, "task_arithmetic scaling=0.3", TRAINED]
+    spaces = [f"{m} space={s}" for m in ("ties", "tsv_m") for s in ("core", "knots")]
+    assert names == ["base", "individual", *merged, "task_arithmetic scaling=0.3", TRAINED, *spaces]
+    assert _rows(first)["ties space=core"]["parameters"]["space"] == "core"
     assert _rows(first)[TRAINED]["parameters"]["mode"] == "trained"
     assert _rows(first)["star"]["parameters"] == {"eta": 40.0}
 

@@ -32,10 +32,16 @@ from starmerge.tensors.delta import Delta
 
 #: Rows beside every method at its defaults: task arithmetic at a commonly tuned scaling, and
 #: Localize-and-Stitch with masks trained on each task's training items (demo_masks).
+#: Rows with ``space`` merge in that LoRA merge space (docs/spaces.md), the method's defaults.
 EXTRA_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("task_arithmetic", {"scaling": 0.3}),
     ("localize_stitch", {"mode": "trained"}),
+    ("ties", {"space": "core"}),
+    ("ties", {"space": "knots"}),
+    ("tsv_m", {"space": "core"}),
+    ("tsv_m", {"space": "knots"}),
 )
+SPACE = "space"  # a row's merge space, given beside the method's parameters
 EVAL_VERSION = 1  # bump when evaluation changes: cached predictions are keyed by it
 
 
@@ -111,12 +117,14 @@ class DemoBench:
         With ``row``, the merge's own time and peak memory above the start (statistics are
         collected first, outside both) go to ``merge_s`` and ``merge_peak_bytes``.
         """
+        params = dict(params)
+        space = params.pop(SPACE, "full")
         params = self.stats.complete(method, tasks, params)  # + statistics, when needed
         start, at_start = time.perf_counter(), rss_anon_bytes() or 0
         deltas = [self.adapters[t].deltas for t in tasks]
         base = self._base(deltas) if METHODS.get(method).needs_base else None
         with PeakMemory() as memory:
-            merged = merge_deltas(method, deltas, params, base=base)
+            merged = merge_deltas(method, deltas, params, base=base, space=space)
         if row is not None:
             self.merge_s[row] = round(time.perf_counter() - start, 3)
             self.merge_peak_bytes[row] = max(0, memory.peak - at_start)
@@ -142,13 +150,18 @@ class DemoBench:
         rows = []
         for label, name, given in candidates:
             method = METHODS.get(name)
-            unavailable = self.stats.unavailable(name, method.resolve(given))
+            params = {k: v for k, v in given.items() if k != SPACE}
+            unavailable = self.stats.unavailable(name, method.resolve(params))
             if unavailable or method.models_problem(len(self.adapters)):
                 self.skipped.append(label)
             else:
-                rows.append((label, name, given))
-        resolved = [(r, m, METHODS.get(m).resolve(p)) for r, m, p in rows]
-        return [(r, m, {k: v for k, v in p.items() if v is not None}) for r, m, p in resolved]
+                rows.append((label, name, params, given.get(SPACE)))
+        out = []
+        for label, name, params, space in rows:
+            resolved = METHODS.get(name).resolve(params)
+            shown = {k: v for k, v in resolved.items() if v is not None}
+            out.append((label, name, shown if space is None else {**shown, SPACE: space}))
+        return out
 
     def evaluate(self, methods: list[str] | None, full: bool, n_train: Mapping[str, int]):
         """A ``Results`` with base, individual and one row per merge."""
