@@ -36,6 +36,7 @@ def describe(method: Method) -> dict[str, Any]:
         "needs_base": method.needs_base,
         "separable": None if method.separable is None else method.separable.combine,
         "spaces": sorted(method.spaces),
+        "n_models": list(method.n_models),
     }
 
 
@@ -47,7 +48,7 @@ def render(row: dict[str, Any]) -> list[str]:
         f"    paper: {row['paper'] or '-'}; inputs: {', '.join(row['accepts'])}; "
         f"exact adapter output: {'yes' if row['lowrank_output'] else 'no (output.rank)'}",
         f"    needs base weights: {'yes' if row['needs_base'] else 'no'}; separable: {separable}; "
-        f"spaces: {', '.join(row['spaces'])}",
+        f"spaces: {', '.join(row['spaces'])}; models: {_count(row['n_models'])}",
     ]
     lines += [f"    {k} = {p['default']!r}: {p['help']}" for k, p in row["parameters"].items()]
     data = row["data_step"]
@@ -57,3 +58,11 @@ def render(row: dict[str, Any]) -> list[str]:
             f"      {k} = {p['default']!r}: {p['help']}" for k, p in data["parameters"].items()
         ]
     return lines
+
+
+def _count(n_models: list[int | None]) -> str:
+    """``1 or more``, ``exactly 2``, ``1 to 2``."""
+    least, most = n_models
+    if most is None:
+        return f"{least} or more"
+    return f"exactly {least}" if least == most else f"{least} to {most}"
