@@ -33,9 +33,10 @@ from starmerge.memory import PeakMemory
 from starmerge.methods.contract import Merged
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import Plan
+from starmerge.settings import count_layers
 from starmerge.stats.plan_data import plan_statistics
-from starmerge.tensors.delta import Dense, LowRank
-from starmerge.tensors.factors import truncated_svd
+from starmerge.tensors.delta import LowRank
+from starmerge.tensors.factors import as_lowrank
 from starmerge.tensors.finite import all_finite
 from starmerge.tensors.threads import one_thread
 
@@ -122,6 +123,11 @@ def _run(
     return manifest
 
 
+def _n_layers(plan: Plan) -> int | None:
+    """The model's blocks, for layer gradients (mergekit counts the model's, not the adapters')."""
+    return count_layers(plan.base.keys()) if plan.base is not None else None
+
+
 def _base_reader(plan: Plan) -> Callable[[str], torch.Tensor] | None:
     """The base model's tensor of a key, for methods that declare ``needs_base``."""
     return plan.base.get if plan.base is not None else None
@@ -144,6 +150,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
         base=_base_reader(plan),
         device=device,
         space=plan.config.space,
+        n_layers=_n_layers(plan),
     )
     per_param: dict[str, dict] = {}
     for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
@@ -201,6 +208,7 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
         base=_base_reader(plan),
         device=device,
         space=plan.config.space,
+        n_layers=_n_layers(plan),
     )
     # An exactly low-rank merge is factor work only: one thread (tensors/threads.py).
     factors_only = plan.method.exact_lowrank(plan.params) or plan.config.space != "full"
@@ -230,7 +238,7 @@ def _merge_modules(plan: Plan, results, progress: bool, modules, per_param, ener
     for key, result in tqdm(
         results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
     ):
-        lowrank, energy = _as_lowrank(key, result, plan.config.output.rank)
+        lowrank, energy = as_lowrank(key, result.delta, plan.config.output.rank)
         _check_output_finite(plan, key, *stored_factors(lowrank, plan.out_dtype))
         stats = dict(result.stats)
         if energy is not None:
@@ -280,18 +288,3 @@ def _write_artifacts(writer, plan: Plan, key: str, result: Merged) -> None:
         return
     for name in plan.method.artifacts:
         writer.write(f"{key}::{name}", result.artifacts[name])
-
-
-def _as_lowrank(key: str, result: Merged, rank: int | None) -> tuple[LowRank, float | None]:
-    """The merged delta as ``LowRank``; a dense result is truncated by SVD to ``rank``."""
-    delta = result.delta
-    if isinstance(delta, LowRank):
-        return delta, None
-    assert isinstance(delta, Dense)
-    if delta.tensor.ndim != 2:
-        raise InputError(
-            f"{key} is not a matrix, so it cannot go into an adapter; use output.format: model"
-        )
-    if rank is None:
-        raise InputError(f"the merge of {key} is dense; set output.rank for adapter output")
-    return truncated_svd(delta.tensor, rank)

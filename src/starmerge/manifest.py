@@ -13,6 +13,7 @@ from starmerge.io.hashing import hash_files
 from starmerge.io.output_dir import write_guard
 from starmerge.memory import max_rss_bytes
 from starmerge.plan import Plan
+from starmerge.settings import PerKey
 
 
 def versions() -> dict[str, str | None]:
@@ -107,12 +108,13 @@ def build_manifest(
             "sha256": hashes["base"],
         }
     config = plan.config.to_dict()
-    config["parameters"] = {k: v for k, v in plan.params.items()}
+    params = {k: v.describe() if isinstance(v, PerKey) else v for k, v in plan.params.items()}
+    config["parameters"] = params
     return {
         "format": "starmerge-manifest/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
-        "method": {"name": plan.method.name, "parameters": plan.params, "paper": plan.method.paper},
+        "method": {"name": plan.method.name, "parameters": params, "paper": plan.method.paper},
         "space": space_summary(plan.config.space, stats.get("per_parameter", {})),
         "base_model": base,
         "inputs": inputs,

@@ -160,6 +160,7 @@ def merge_params(
     base: BaseReader | None = None,
     device: torch.device | str = "cpu",
     space: str = "full",
+    n_layers: int | None = None,
 ) -> Iterator[tuple[str, Merged]]:
     """Yield ``(key, Merged)`` for each parameter (in ``keys`` order), result on the CPU.
 
@@ -172,7 +173,7 @@ def merge_params(
             in ``core``/``knots``, a parameter that is not LoRA for every task.
     """
     check_space(method, space)
-    n_layers = count_layers(shapes)
+    n_layers = count_layers(shapes) if n_layers is None else n_layers
     for key in keys if keys is not None else shapes:
         projection, deltas = _method_inputs(method, key, read(key), space, device)
         if projection is not None and projection.empty:  # all zero: the merge is zero

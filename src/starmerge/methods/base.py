@@ -157,7 +157,9 @@ class Method:
                 values[key], found = self._per_key(key, value, param, values)
                 problems += found
                 continue
-            problem = check_value(self.name, key, value, param)
+            problem = (
+                None if isinstance(value, PerKey) else check_value(self.name, key, value, param)
+            )
             if problem:
                 problems.append(problem)
         if problems:

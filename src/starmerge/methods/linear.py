@@ -74,6 +74,7 @@ def linear_coefficients(
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2203.05482",
+    base_counts_as_model=True,
 )
 def linear(
     deltas: Sequence[Delta], *, weights: Sequence[float] | None = None, normalize: bool = True

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from starmerge.errors import InputError
 from starmerge.tensors.delta import Delta, Dense, LowRank
 
 
@@ -63,3 +64,22 @@ def truncated_svd(x: torch.Tensor, rank: int) -> tuple[LowRank, float]:
     total = float((s**2).sum())
     energy = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
     return LowRank(u[:, :k] * s[:k], vh[:k], 1.0), energy
+
+
+def as_lowrank(key: str, delta: Delta, rank: int | None) -> tuple[LowRank, float | None]:
+    """A merged delta as ``LowRank`` for adapter output, and the SVD energy kept (or None).
+
+    A dense matrix is truncated by SVD to ``rank`` (:func:`truncated_svd`).
+
+    Raises:
+        InputError: ``key`` is not a matrix, or is dense and no ``rank`` is given.
+    """
+    if isinstance(delta, LowRank):
+        return delta, None
+    if delta.tensor.ndim != 2:
+        raise InputError(
+            f"{key} is not a matrix, so it cannot go into an adapter; use output.format: model"
+        )
+    if rank is None:
+        raise InputError(f"the merge of {key} is dense; set output.rank for adapter output")
+    return truncated_svd(delta.tensor, rank)
