@@ -11,8 +11,7 @@ In a merge space (``space="core"`` or ``"knots"``, :mod:`starmerge.tensors.space
 parameter's LoRA deltas are projected onto a shared basis; the fitter and the kernel see each
 task's small coordinates as ``Dense`` deltas (a task that lacks the parameter still as None for
 the fitter), and the merged coordinates are lifted back to an exact ``LowRank`` of the
-parameter's shape. The basis is recomputed in every pass: O((m + n) R^2) per parameter (about a
-tenth of densifying the T deltas once), where caching it would hold a basis per parameter.
+parameter's shape. The basis is recomputed in every pass (O((m + n) R^2) per parameter).
 
 For a separable method (the mean or sum of a per-task transform), ``transform_task`` and
 ``combine_tasks`` give the same merge from per-task parts that a caller may cache (sweeps).
@@ -120,6 +119,9 @@ def fit_state(
     entries = statistics if statistics is not None else params.get(STATISTICS)
     files = None if entries is None else open_statistics(entries)
     fitter = method.fitter(n_tasks, params, files)
+    if not getattr(fitter, "needs_deltas", True):  # e.g. TIES with trim local: nothing to fit
+        fitter.end_pass()
+        return fitter.state()
     n_pass = 0
     while True:
         n_pass += 1

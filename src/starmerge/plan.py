@@ -24,6 +24,7 @@ from starmerge.methods import METHODS
 from starmerge.methods.base import Method
 from starmerge.methods.contract import STATISTICS
 from starmerge.paths import with_absolute_paths
+from starmerge.peak_model import KeyInputs, OutputModel, peak_bytes
 from starmerge.tensors.delta import Delta
 
 
@@ -226,16 +227,41 @@ def _out_dtype(config: RunConfig, base: Any, tasks: list[Task]) -> torch.dtype:
 
 
 def predict_peak(plan: Plan) -> int:
-    """Predicted peak memory in bytes beyond the runtime itself.
+    """Predicted peak anonymous memory in bytes beyond the runtime (:mod:`starmerge.peak_model`).
 
-    (T + 2) x the largest merged tensor in float32 (the T task deltas of one parameter, the
-    result and one temporary), plus the largest base tensor (read while writing).
+    Each merged parameter's inputs as they reach the method (LoRA factors or dense deltas, and
+    whether reading casts), the method's declared footprint and what the output costs.
     """
-    numel = max((_numel(s) for s in plan.shapes.values()), default=0)
-    largest_base = 0
-    if plan.base is not None:
-        largest_base = max((plan.base.nbytes(k) for k in plan.base.keys()), default=0)
-    return (len(plan.tasks) + 2) * numel * 4 + largest_base
+    keys = {key: _key_inputs(plan, key, shape) for key, shape in plan.shapes.items()}
+    base = None
+    if plan.config.output.format == "model" and plan.base is not None:
+        base = {
+            k: (_numel(plan.base.shape(k)), plan.base.dtype(k).itemsize, k in plan.shapes)
+            for k in plan.base.keys()
+        }
+    output = OutputModel(
+        plan.config.output.format, plan.out_dtype.itemsize, plan.config.output.rank, base
+    )
+    n_tasks = len(plan.tasks)
+    return peak_bytes(plan.method, plan.params, n_tasks, keys, output, plan.config.space)
+
+
+def _key_inputs(plan: Plan, key: str, shape: tuple[int, ...]) -> KeyInputs:
+    """How ``key``'s task deltas reach the method: summed LoRA rank, or dense (and casts)."""
+    present = [t for t in plan.tasks if key in t.shapes]
+    if all(t.spec.kind == "adapter" for t in present):
+        ranks = [_lora_rank(t.source.config) for t in present]
+        return KeyInputs(shape, lora_rank=max(sum(ranks), 1))
+    dtypes = [t.source.ft.dtype(key) for t in present if t.spec.kind != "adapter"]
+    if plan.base is not None and key in plan.base:
+        dtypes.append(plan.base.dtype(key))
+    return KeyInputs(shape, cast=any(d != torch.float32 for d in dtypes))
+
+
+def _lora_rank(config: dict[str, Any]) -> int:
+    """An adapter's largest rank (``r`` or a ``rank_pattern`` entry): an upper bound per module."""
+    pattern = config.get("rank_pattern") or {}
+    return max([int(config.get("r") or 8), *(int(v) for v in pattern.values())])
 
 
 def _numel(shape: tuple[int, ...]) -> int:

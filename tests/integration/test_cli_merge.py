@@ -14,6 +14,8 @@ from tests.integration.helpers import (
     write_config,
 )
 
+from starmerge.plan import check_config_and_inputs, predict_peak
+
 
 @pytest.fixture(scope="module")
 def references(tiny_models, llama_adapters):
@@ -214,8 +216,10 @@ def test_validate_and_dry_run_write_nothing(tmp_path, capsys, tiny_models, llama
     code, out, err = run_cli(capsys, "validate", cfg)
     assert code == 0, err
     assert "predicted peak memory" in out and out.strip().endswith("ok")
-    # 3 tasks + 2 times the largest merged tensor (32x32 fp32) + largest base tensor (128x32).
-    assert f"{(5 * 32 * 32 * 4 + 128 * 32 * 4) / 2**20:.1f} MiB" in out
+    # The per-method model of plan.predict_peak (tests/integration/test_memory_prediction.py
+    # compares it with measured peaks); here: the number printed is the plan's.
+    predicted = predict_peak(check_config_and_inputs(cfg, []))
+    assert f"predicted peak memory: {predicted / 2**20:.1f} MiB" in out
     code, out, err = run_cli(capsys, "merge", cfg, tmp_path / "out", "--dry-run")
     assert code == 0 and "dry run" in out
     assert not (tmp_path / "out").exists()

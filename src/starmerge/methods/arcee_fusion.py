@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, register_method
+from starmerge.methods.footprint import Footprint
 from starmerge.methods.spherical import require_models
 from starmerge.tensors.delta import Delta, Dense
 
@@ -71,6 +72,8 @@ def outlier_threshold(scores: Tensor) -> Tensor:
     needs_base=True,
     paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
     n_models=(1, 1),
+    # memory: the two softmaxes, their ratio's log and the scores (the mask: 1/4 copy)
+    memory=lambda case: Footprint(case.copies(4.25)),
 )
 def arcee_fusion(deltas: Sequence[Delta], *, base: Tensor) -> Merged:
     """Arcee Fusion of one model into the base, as mergekit's arcee_fusion.

@@ -30,6 +30,8 @@ from starmerge.methods.contract import (
     Separable,
     default_spaces,
 )
+from starmerge.methods.counts import count_problem
+from starmerge.methods.footprint import MemoryModel
 from starmerge.methods.params import (  # noqa: F401  (re-exported: methods import them here)
     MAX_FACTOR,
     Param,
@@ -82,6 +84,8 @@ class Method:
         n_models: ``(least, most)`` models the method merges (``most`` None: no limit).
         base_counts_as_model: mergekit hands this method its ``base_model`` as one more
             model (Karcher's mean): a mergekit config's base is then merged as a zero delta.
+        memory: ``memory(case) -> Footprint``: the bytes the kernel and the fit step allocate
+            for one parameter (:mod:`starmerge.methods.footprint`); None: two float32 copies.
     """
 
     name: str
@@ -103,6 +107,7 @@ class Method:
     fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None
     n_models: tuple[int, int | None] = (1, None)
     base_counts_as_model: bool = False
+    memory: MemoryModel | None = None
 
     def exact_lowrank(self, params: Mapping[str, Any]) -> bool:
         """Whether low-rank inputs give an exactly low-rank merge with these parameters."""
@@ -225,25 +230,6 @@ class Method:
         return self.fit(n_tasks, **args)
 
 
-def count_problem(method: str, n: int, allowed: tuple[int, int | None]) -> str | None:
-    """Why ``method`` cannot merge ``n`` models, given the ``(least, most)`` it takes.
-
-    Example:
-        >>> count_problem("slerp", 3, (1, 2))
-        'slerp takes 1 or 2 models, got 3; list 1 or 2 models under models:'
-    """
-    lo, hi = allowed
-    if n >= lo and (hi is None or n <= hi):
-        return None
-    if hi is None:
-        want = f"at least {lo} models"
-    elif lo == hi:
-        want = f"exactly {lo} model{'s' if lo > 1 else ''}"
-    else:
-        want = f"{lo} or {hi} models" if hi == lo + 1 else f"{lo} to {hi} models"
-    return f"{method} takes {want}, got {n}; list {want} under models:"
-
-
 METHODS: Registry[Method] = Registry("method")
 
 
@@ -265,6 +251,7 @@ def register_method(
     fit_reads: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
     n_models: tuple[int, int | None] = (1, None),
     base_counts_as_model: bool = False,
+    memory: MemoryModel | None = None,
 ) -> Callable[[Callable[..., Merged]], Callable[..., Merged]]:
     """Register ``fn`` as merge method ``name`` (the arguments are :class:`Method`'s fields).
 
@@ -295,6 +282,7 @@ def register_method(
                 fit_reads=fit_reads,
                 n_models=n_models,
                 base_counts_as_model=base_counts_as_model,
+                memory=memory,
             ),
         )
         return fn

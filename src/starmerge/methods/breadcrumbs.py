@@ -31,7 +31,7 @@ from typing import Any
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
-from starmerge.methods.generalized_ta import gta_params, merge_gta, number_list
+from starmerge.methods.generalized_ta import gta_memory, gta_params, merge_gta, number_list
 from starmerge.tensors.delta import Delta
 from starmerge.tensors.sparsify import outlier_trim
 
@@ -52,6 +52,7 @@ def breadcrumbs_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any]) -> T
     params=gta_params(normalize=False, rescale=False, extra=_GAMMA),
     accepts=("dense",),
     paper=_PAPER,
+    memory=gta_memory(consensus=False, sparsify=5),
 )
 def breadcrumbs(deltas: Sequence[Delta], **params: Any) -> Merged:
     """Model Breadcrumbs: drop each task's outliers and small entries, weighted sum.
@@ -72,6 +73,7 @@ def breadcrumbs(deltas: Sequence[Delta], **params: Any) -> Merged:
     params=gta_params(normalize=False, rescale=False, extra=_GAMMA),
     accepts=("dense",),
     paper=_PAPER,
+    memory=gta_memory(consensus=True, sparsify=5),
 )
 def breadcrumbs_ties(deltas: Sequence[Delta], **params: Any) -> Merged:
     """Model Breadcrumbs with TIES' sign consensus (mergekit breadcrumbs_ties).

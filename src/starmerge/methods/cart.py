@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, factor_range, in_range, register_method
+from starmerge.methods.footprint import F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.lowrank_svd import dense_svd
 from starmerge.tensors.sparsify import keep_count
@@ -65,6 +66,19 @@ def rank_budget(rank_fraction: float, shape: tuple[int, int]) -> int:
     if rank_fraction <= 0:
         return 0
     return max(1, keep_count(rank_fraction, min(shape)))
+
+
+def _memory(case: MemoryCase) -> Footprint:
+    """CART's memory: mean, total, a centred task and its SVD, in float64 (dense).
+
+    Dense: the mean, total, centred task and its rank-k product, and the centred task's SVD;
+    LoRA: the factors' QR and the T cores' batched SVD.
+    """
+    if case.lowrank:
+        return Footprint(case.factors(4, F64))
+    if not case.matrix:
+        return Footprint(case.copies(2))
+    return Footprint(case.copies(8) + case.square(min(case.dims), 2) + case.svd(F64))
 
 
 @register_method(
@@ -84,6 +98,7 @@ def rank_budget(rank_fraction: float, shape: tuple[int, int]) -> int:
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2412.12153",
+    memory=_memory,
 )
 def cart(deltas: Sequence[Delta], *, scaling: float = 2.0, rank_fraction: float = 0.12) -> Merged:
     """CART: the mean plus scaling times the rank-k parts of each task's deviation from it.

@@ -57,6 +57,9 @@ class State(Protocol):
 class Fitter(Protocol):
     """Streams over every parameter's deltas (possibly several passes) to build a ``State``.
 
+    A fitter whose ``needs_deltas`` attribute is False (TIES with ``trim: local``) is not
+    streamed at all: one ``end_pass()`` and its ``state()``.
+
     ``deltas`` holds ``None`` for a task that lacks the parameter: a fitter that counts entries
     per task (TIES's N) must not count it. A method that declares ``needs_base`` also gets
     ``base=`` (the base model's tensor of the parameter).

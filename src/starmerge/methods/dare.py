@@ -31,7 +31,13 @@ from typing import Any
 from torch import Tensor
 
 from starmerge.methods.base import Merged, register_method
-from starmerge.methods.generalized_ta import gta_params, merge_gta, seed_param, task_uniform
+from starmerge.methods.generalized_ta import (
+    gta_memory,
+    gta_params,
+    merge_gta,
+    seed_param,
+    task_uniform,
+)
 from starmerge.tensors.delta import Delta
 from starmerge.tensors.sparsify import random_keep
 
@@ -51,6 +57,7 @@ def dare_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any]) -> Tensor:
     params=gta_params(normalize=False, rescale=True, extra=seed_param()),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
+    memory=gta_memory(consensus=False, sparsify=2),
 )
 def dare_linear(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DARE: drop each task's entries at random, rescale, weighted sum (mergekit dare_linear).
@@ -76,6 +83,7 @@ def dare_linear(deltas: Sequence[Delta], **params: Any) -> Merged:
     params=gta_params(normalize=False, rescale=True, extra=seed_param()),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
+    memory=gta_memory(consensus=True, sparsify=2),
 )
 def dare_ties(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DARE-TIES: random drop and rescale, then TIES' sign consensus (mergekit dare_ties).

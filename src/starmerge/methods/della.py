@@ -38,6 +38,7 @@ from torch import Tensor
 from starmerge.errors import ConfigError
 from starmerge.methods.base import Merged, Param, in_range, register_method
 from starmerge.methods.generalized_ta import (
+    gta_memory,
     gta_params,
     merge_gta,
     number_list,
@@ -100,6 +101,7 @@ def _della(method: str, deltas: Sequence[Delta], params: Mapping[str, Any], cons
     params=gta_params(normalize=True, rescale=True, extra=_EPSILON),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
+    memory=gta_memory(consensus=True, sparsify=5),
 )
 def della(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DELLA: magnitude-ranked random drop, rescale, TIES' sign consensus (mergekit della).
@@ -124,6 +126,7 @@ def della(deltas: Sequence[Delta], **params: Any) -> Merged:
     params=gta_params(normalize=False, rescale=True, extra=_EPSILON),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
+    memory=gta_memory(consensus=False, sparsify=5),
 )
 def della_linear(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DELLA without sign consensus: magnitude-ranked drop, rescale, weighted sum.

@@ -44,6 +44,7 @@ from torch import Tensor
 from starmerge.io.statistics import StatsFile
 from starmerge.methods.base import Merged, Param, in_range, register_method
 from starmerge.methods.contract import DataRequest
+from starmerge.methods.footprint import F64, Footprint, MemoryCase
 from starmerge.methods.statistics import StatsFitter, TaskStatistics, statistics_param
 from starmerge.tensors.delta import Delta, Dense
 
@@ -100,6 +101,14 @@ def _data_regmean(params: Mapping[str, Any]) -> DataRequest:
     return DataRequest(("gram_in",))
 
 
+def _fisher_memory(case: MemoryCase) -> Footprint:
+    """Fisher merging's memory: the taus, the Fisher weights and their product (3 T copies).
+
+    Kernel: those, the weights' sum and the mean; fit: a Fisher's square and sum for its norm.
+    """
+    return Footprint(case.copies(3 * case.n_tasks + 2), case.copies(4))
+
+
 @register_method(
     "fisher_merging",
     params={
@@ -118,6 +127,7 @@ def _data_regmean(params: Mapping[str, Any]) -> DataRequest:
         "statistics": _STATISTICS,
     },
     data=_data_fisher,
+    memory=_fisher_memory,
 )
 def fisher_merging(
     deltas: Sequence[Delta],
@@ -159,6 +169,18 @@ def fisher_merging(
     return Merged(Dense(merged.to(out_dtype)), {"solved": True})
 
 
+def _regmean_memory(case: MemoryCase) -> Footprint:
+    """RegMean's memory: the taus and T shrunk (in, in) Grams in float64, and the solve.
+
+    The taus (2 T copies), right-hand side and result; the Grams (the read ones are mapped, the
+    shrunk ones float64), their sum, its eigenvectors and eigh's workspace.
+    """
+    if not case.matrix:
+        return Footprint(case.copies(2 * case.n_tasks + 2))
+    n_in = case.dims[1]
+    return Footprint(case.copies(2 * case.n_tasks + 4) + case.square(n_in, case.n_tasks + 3, F64))
+
+
 @register_method(
     "regmean",
     params={
@@ -169,6 +191,7 @@ def fisher_merging(
     paper="https://arxiv.org/abs/2212.09849",
     data_params={"statistics": _STATISTICS},
     data=_data_regmean,
+    memory=_regmean_memory,
 )
 def regmean(
     deltas: Sequence[Delta],

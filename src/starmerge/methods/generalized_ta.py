@@ -44,6 +44,7 @@ from torch import Tensor
 
 from starmerge.errors import ConfigError
 from starmerge.methods.base import MAX_FACTOR, Merged, Param, factor_range, in_range
+from starmerge.methods.footprint import Footprint, MemoryCase, MemoryModel
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.sparsify import l1_rescaled
 
@@ -205,6 +206,25 @@ def combine(
     if normalize:
         mixed = mixed / divisor
     return mixed * lam if lam != 1 else mixed
+
+
+def gta_memory(*, consensus: bool, sparsify: float) -> MemoryModel:
+    """The footprint of :func:`merge_gta` (``Method.memory``) for a method's sparsifier.
+
+    The T sparsified tasks when some density is below 1 (LoRA inputs are densified then, or
+    always when kept whole), the sparsifier's temporaries (``sparsify`` copies: DARE's draws and
+    mask 2, the argsorts of Breadcrumbs and DELLA 5) or the combine step's: the total and one
+    weighted task (2), with sign consensus also the majority, mixed, divisor and agree mask.
+    """
+
+    def memory(case: MemoryCase) -> Footprint:
+        values = [case.params.get("density", 1.0), *(case.params.get("densities") or [])]
+        sparse = any(not isinstance(v, Real) or v < 1 for v in values)
+        held = case.n_tasks if sparse or case.lowrank else 0
+        work = max(7.25 if consensus else 2.0, sparsify if sparse else 0.0)
+        return Footprint(case.copies(held + work + (1 if sparse and case.lowrank else 0)))
+
+    return memory
 
 
 def merge_gta(

@@ -53,6 +53,7 @@ from collections.abc import Sequence
 import torch
 
 from starmerge.methods.base import Merged, Param, factor_range, in_range, register_method
+from starmerge.methods.footprint import F32, F64, Footprint, MemoryCase
 from starmerge.methods.tsv_m import average, data_dtype, matrix_form, polar, spectral_result
 from starmerge.tensors.delta import Delta, LowRank
 from starmerge.tensors.factors import sq_frobenius
@@ -115,12 +116,22 @@ def residual_svd(delta: Delta, u_c: torch.Tensor, data: torch.dtype) -> ThinSVD:
     return above(svd, input_cut([delta], data))
 
 
+def _iso_c_memory(case: MemoryCase) -> Footprint:
+    """Dense: S in float64 and its float64 SVD; LoRA: the factors' QR and the core's SVD."""
+    if case.lowrank:
+        return Footprint(case.factors(3.5, F64))
+    if not case.matrix:
+        return Footprint(case.copies(2))
+    return Footprint(case.copies(2) + case.svd(F64))
+
+
 @register_method(
     "iso_c",
     params={"scaling": Param(1.0, "alpha: multiplies the merged delta", factor_range())},
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2502.04959",
+    memory=_iso_c_memory,
 )
 def iso_c(deltas: Sequence[Delta], *, scaling: float = 1.0) -> Merged:
     """Iso-C: the sum of the task deltas with its spectrum flattened to the mean.
@@ -149,6 +160,21 @@ def iso_c(deltas: Sequence[Delta], *, scaling: float = 1.0) -> Merged:
     return Merged(merged, {"rank": svd.rank})
 
 
+def _iso_cts_memory(case: MemoryCase) -> Footprint:
+    """Iso-CTS's memory: S's SVD, each residual's SVD and the polar factors (float64).
+
+    Dense: per task the residual's U and V^T stay (sliced views), with one SVD's workspace and
+    the polar factors' (fitted: 20 k^2 + 6 m n floats); LoRA: the factors' QRs and cores.
+    """
+    if case.lowrank:
+        return Footprint(case.factors(5, F64))
+    if not case.matrix:
+        return Footprint(case.copies(2))
+    m, n = case.dims
+    k = min(m, n)
+    return Footprint(case.n_tasks * F64 * (m * k + k * n) + F32 * (20 * k * k + 6 * m * n))
+
+
 @register_method(
     "iso_cts",
     params={
@@ -162,6 +188,7 @@ def iso_c(deltas: Sequence[Delta], *, scaling: float = 1.0) -> Merged:
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2502.04959",
+    memory=_iso_cts_memory,
 )
 def iso_cts(
     deltas: Sequence[Delta], *, scaling: float = 1.0, common_fraction: float = 0.8

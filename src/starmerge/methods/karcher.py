@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.methods.footprint import Footprint
 from starmerge.methods.spherical import dense_gram, weighted_dense
 from starmerge.tensors.delta import Delta, Dense
 
@@ -119,6 +120,8 @@ def karcher_coefficients(g: Tensor, max_iter: int, tol: float) -> tuple[Tensor, 
     needs_base=True,
     paper="https://arxiv.org/abs/2603.04972",
     base_counts_as_model=True,
+    # memory: the running mean and one tangent-space temporary
+    memory=lambda case: Footprint(case.copies(2)),
 )
 def karcher(
     deltas: Sequence[Delta], *, max_iter: int = 10, tol: float = 1e-5, base: Tensor

@@ -27,6 +27,7 @@ import torch
 
 from starmerge.errors import ConfigError
 from starmerge.methods.base import MAX_FACTOR, Merged, Param, register_method
+from starmerge.methods.footprint import summed
 from starmerge.methods.generalized_ta import number_list, per_model
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import concat_lowrank
@@ -75,6 +76,7 @@ def linear_coefficients(
     lowrank_output=True,
     paper="https://arxiv.org/abs/2203.05482",
     base_counts_as_model=True,
+    memory=summed,
 )
 def linear(
     deltas: Sequence[Delta], *, weights: Sequence[float] | None = None, normalize: bool = True

@@ -48,6 +48,7 @@ from torch import Tensor
 from starmerge.methods.base import Merged, Param, in_range, optional, register_method
 from starmerge.methods.contract import DataRequest
 from starmerge.methods.fisher_regmean import stack_taus
+from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.localize_stitch_fit import (
     LSFitter,
     LSParam,
@@ -78,6 +79,16 @@ def _data(params: Mapping[str, Any]) -> DataRequest | None:
     return DataRequest(
         masks=masks, covers=lambda key: in_parameter_set(key, pset), reason="mode trained"
     )
+
+
+def _memory(case: MemoryCase) -> Footprint:
+    """Localize-and-Stitch's memory: the taus' stack, the masks and the stitch weights.
+
+    Per task a float32 copy, its |tau| mask, the masks' stack and the weight (3.25 copies with
+    the bool masks); the fit's last pass stacks and masks the same way.
+    """
+    per_task = 3.25 * case.n_tasks
+    return Footprint(case.copies(per_task + 3), case.copies(per_task + 2))
 
 
 @register_method(
@@ -120,6 +131,7 @@ def _data(params: Mapping[str, Any]) -> DataRequest | None:
         "statistics": statistics_param("trained: precomputed masks, one file per task"),
     },
     data=_data,
+    memory=_memory,
 )
 def localize_stitch(
     deltas: Sequence[Delta],

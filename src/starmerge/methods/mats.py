@@ -53,6 +53,7 @@ from starmerge.io.statistics import StatsFile
 from starmerge.methods.base import Merged, Param, factor_range, in_range, register_method
 from starmerge.methods.contract import DataRequest
 from starmerge.methods.fisher_regmean import averaged, shrink, stack_taus
+from starmerge.methods.footprint import F32, Footprint, MemoryCase
 from starmerge.methods.statistics import StatsFitter, statistics_param
 from starmerge.tensors.cg import conjugate_gradient
 from starmerge.tensors.delta import Delta, Dense
@@ -128,6 +129,19 @@ def _operator(
     )
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """MaTS's memory: the taus and the CG vectors in the CG precision, with the Grams.
+
+    T + 8 copies (taus, x, r, p, A p, b, x0, ...), the summed input Gram (regmean, kfac), the
+    output Grams' products (kfac) or the Fisher weights (diagonal_fisher).
+    """
+    m, n = case.dims
+    objective = case.params.get("objective", "regmean")
+    extra = {"regmean": n * n, "kfac": n * n + m * m, "diagonal_fisher": 2 * case.numel}
+    scale = 2 if case.params.get("precision") == "float64" else 1
+    return Footprint(scale * (case.copies(case.n_tasks + 8) + F32 * extra.get(objective, 0)))
+
+
 @register_method(
     "mats",
     params={
@@ -164,6 +178,7 @@ def _operator(
         "statistics": statistics_param("precomputed statistics, one file per task (else `data:`)"),
     },
     data=_data,
+    memory=_memory,
 )
 def mats(
     deltas: Sequence[Delta],

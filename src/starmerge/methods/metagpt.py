@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from starmerge.methods.base import Merged, register_method
+from starmerge.methods.footprint import F64, Footprint, MemoryCase, summed
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import concat_lowrank, sq_frobenius
 
@@ -91,12 +92,18 @@ def _fit_metagpt(n_tasks: int, **params: Any) -> MetaGPTFitter:
     return MetaGPTFitter(n_tasks, **params)
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """Kernel: a weighted sum; fit: each dense task's float64 copy and its square (4 copies)."""
+    return Footprint(summed(case).kernel, case.factors(1, F64) if case.lowrank else case.copies(4))
+
+
 @register_method(
     "metagpt",
     accepts=("dense", "lowrank"),
     fit=_fit_metagpt,
     lowrank_output=True,
     paper="https://arxiv.org/abs/2406.11385",
+    memory=_memory,
 )
 def metagpt(deltas: Sequence[Delta], *, state: MetaGPTState | None = None) -> Merged:
     """MetaGPT: sum_t lambda_t tau_t with lambda_t proportional to ||tau_t||^2.

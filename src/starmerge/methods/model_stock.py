@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, register_method
+from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.spherical import combine, gram, require_models
 from starmerge.tensors.delta import Delta
 
@@ -58,6 +59,11 @@ def stock_ratio(grams: Tensor) -> Tensor:
     return torch.where(singular, 0.0, n_tasks * cos / safe)
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """Dense: the scaled mean and one temporary; LoRA: the factors joined and their Grams."""
+    return Footprint(case.factors(1.5) if case.lowrank else case.copies(2))
+
+
 @register_method(
     "model_stock",
     params={"filter_wise": Param(False, "one ratio per row (vector along the last axis)")},
@@ -65,6 +71,7 @@ def stock_ratio(grams: Tensor) -> Tensor:
     lowrank_output=True,
     paper="https://arxiv.org/abs/2403.19522",
     n_models=(2, None),
+    memory=_memory,
 )
 def model_stock(deltas: Sequence[Delta], *, filter_wise: bool = False) -> Merged:
     """Model Stock: the task vectors' mean scaled by the angle-derived ratio.

@@ -43,7 +43,9 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
-from starmerge.methods.spherical import check_weights, combine, gram, model_weights
+from starmerge.methods.footprint import Footprint, MemoryCase
+from starmerge.methods.params import check_weights, task_weights
+from starmerge.methods.spherical import combine, gram
 from starmerge.tensors.delta import Delta
 
 
@@ -87,6 +89,11 @@ def multislerp_coefficients(g: Tensor, weights: Tensor, eps: float) -> Tensor:
     return point * float((norms * weights).sum())
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """Dense: the weighted mean and its projection; LoRA: the factors joined and their Grams."""
+    return Footprint(case.factors(1.5) if case.lowrank else case.copies(2))
+
+
 @register_method(
     "multislerp",
     params={
@@ -97,6 +104,7 @@ def multislerp_coefficients(g: Tensor, weights: Tensor, eps: float) -> Tensor:
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    memory=_memory,
 )
 def multislerp(
     deltas: Sequence[Delta],
@@ -124,7 +132,7 @@ def multislerp(
         >>> multislerp([x, y]).delta.tensor
         tensor([0.7071, 0.7071])
     """
-    w = torch.tensor(model_weights(weights, len(deltas), "multislerp"), dtype=torch.float64)
+    w = torch.tensor(task_weights(weights, len(deltas), "multislerp"), dtype=torch.float64)
     if len(deltas) == 1:
         return Merged(deltas[0])
     if normalize_weights:

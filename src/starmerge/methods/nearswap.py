@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from starmerge.methods.base import MAX_FACTOR, Merged, Param, in_range, register_method
+from starmerge.methods.footprint import Footprint
 from starmerge.methods.spherical import require_models
 from starmerge.tensors.delta import Delta, Dense
 
@@ -45,6 +46,8 @@ MIN_DISTANCE = 1e-6  # mergekit's clamp of |a - b|
     accepts=("dense",),
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     n_models=(1, 1),
+    # memory: |tau| clamped, the weight and the result
+    memory=lambda case: Footprint(case.copies(3)),
 )
 def nearswap(deltas: Sequence[Delta], *, t: float = 1e-4) -> Merged:
     """NearSwap of one model into the base, as mergekit's nearswap.

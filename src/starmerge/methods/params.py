@@ -8,11 +8,12 @@ parameters may also vary per parameter key (:mod:`starmerge.settings`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
-from starmerge.errors import did_you_mean, short_repr
+from starmerge.errors import ConfigError, did_you_mean, short_repr
 
 # The largest |factor| a multiplying hyperparameter (scaling, alpha, per-model weights) may take:
 # far beyond any useful merge, and it keeps 1e308 (whose product overflows) out.
@@ -127,3 +128,36 @@ def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
 def factor_range() -> Callable[[float], str | None]:
     """A ``Param.check`` for a multiplying factor (scaling, alpha): in [-MAX_FACTOR, MAX_FACTOR]."""
     return in_range(-MAX_FACTOR, MAX_FACTOR, lo_open=False)
+
+
+def check_weights(value: Any) -> str | None:
+    """A ``Param.check``: None or a list of numbers in ``[-MAX_FACTOR, MAX_FACTOR]``."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(w, Real) and not isinstance(w, bool) for w in value
+    )
+    if not ok:
+        return "must be a list of numbers, one per model (or unset)"
+    big = next((i for i, w in enumerate(value) if abs(w) > MAX_FACTOR), None)
+    if big is not None:
+        return f"must hold numbers in [-{MAX_FACTOR:g}, {MAX_FACTOR:g}] (entry {big} is not)"
+    return None
+
+
+def task_weights(weights: Sequence[float] | None, n_tasks: int, method: str) -> list[float]:
+    """Per-task weights: ``weights`` checked against ``n_tasks``, or all 1.0 when None.
+
+    Raises:
+        ConfigError: ``weights`` does not have one entry per task.
+    """
+    if weights is None:
+        return [1.0] * n_tasks
+    if len(weights) != n_tasks:
+        raise ConfigError(
+            [
+                f"{method}: weights has {len(weights)} entries but there are {n_tasks} models; "
+                "give one weight per model (models[].weight) or leave weights unset"
+            ]
+        )
+    return [float(w) for w in weights]

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from starmerge.methods.base import MAX_FACTOR, Merged, Param, in_range, register_method
+from starmerge.methods.footprint import Footprint
 from starmerge.tensors.delta import Delta, Dense
 
 
@@ -42,6 +43,8 @@ from starmerge.tensors.delta import Delta, Dense
     },
     accepts=("dense",),
     paper="https://arxiv.org/abs/2601.13572",
+    # memory: the int64 counts (2 copies), divisor, total, a task's |tau| mask and share
+    memory=lambda case: Footprint(case.copies(6.25)),
 )
 def ram(deltas: Sequence[Delta], *, epsilon: float = 1e-5) -> Merged:
     """RAM: each entry's changes averaged over the tasks that changed it.

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.methods.footprint import Footprint
 from starmerge.tensors.delta import Delta, Dense
 
 _WEIGHT_EPS = 1e-6  # mergekit: uniform weights below this summed mean square; divisor floor
@@ -78,6 +79,8 @@ def sce_weights(taus: Sequence[Tensor]) -> list[float]:
     },
     accepts=("dense",),
     paper="https://arxiv.org/abs/2408.07990",
+    # memory: the total, majority, merged, divisor, a weighted task and its agree mask
+    memory=lambda case: Footprint(case.copies(6.25)),
 )
 def sce(deltas: Sequence[Delta], *, select_topk: float = 1.0) -> Merged:
     """SCE: select high-variance entries, weight tasks by mean square, erase sign conflicts.

@@ -19,6 +19,7 @@ import torch
 
 from starmerge.methods.base import Merged, register_method
 from starmerge.methods.contract import Separable
+from starmerge.methods.footprint import summed
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import concat_lowrank
 
@@ -34,6 +35,7 @@ def keep_task(delta: Delta) -> tuple[Delta, dict[str, Any]]:
     lowrank_output=True,
     paper="https://arxiv.org/abs/2203.05482",
     separable=Separable(keep_task, "mean"),
+    memory=summed,
 )
 def simple_average(deltas: Sequence[Delta]) -> Merged:
     """Mean of the task deltas: S / T.

@@ -49,12 +49,12 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.methods.footprint import Footprint, MemoryCase
+from starmerge.methods.params import check_weights, task_weights
 from starmerge.methods.spherical import (
-    check_weights,
     combine,
     dense_gram,
     gram,
-    model_weights,
     require_models,
     weighted_dense,
 )
@@ -101,6 +101,8 @@ def slerp_coefficients(t: float, gram2: Tensor) -> tuple[float, float, bool]:
     needs_base=True,
     paper="https://en.wikipedia.org/wiki/Slerp",
     n_models=(1, 2),
+    # memory: the interpolated tensor and one temporary
+    memory=lambda case: Footprint(case.copies(2)),
 )
 def slerp(deltas: Sequence[Delta], *, t: float = 0.5, base: Tensor) -> Merged:
     """SLERP of two weights, as mergekit's slerp: base to model, or model 1 to model 2.
@@ -159,6 +161,11 @@ def nuslerp_coefficients(t: float, grams: Tensor) -> Tensor:
     return torch.stack([c0, c1])
 
 
+def _nuslerp_memory(case: MemoryCase) -> Footprint:
+    """Dense: the interpolation and one temporary; LoRA: the two factor pairs, scaled."""
+    return Footprint(case.factors(1.5) if case.lowrank else case.copies(2))
+
+
 @register_method(
     "nuslerp",
     params={
@@ -174,6 +181,7 @@ def nuslerp_coefficients(t: float, grams: Tensor) -> Tensor:
     lowrank_output=True,
     paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
     n_models=(2, 2),
+    memory=_nuslerp_memory,
 )
 def nuslerp(
     deltas: Sequence[Delta],
@@ -202,7 +210,7 @@ def nuslerp(
         tensor([0.7071, 0.7071])
     """
     require_models("nuslerp", len(deltas), (2, 2), "it interpolates between two task vectors")
-    w1, w2 = model_weights(weights, 2, "nuslerp")
+    w1, w2 = task_weights(weights, 2, "nuslerp")
     t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
     mode = "flat" if nuslerp_flatten else ("cols" if nuslerp_row_wise else "rows")
     coefs = nuslerp_coefficients(t, gram(deltas, mode))

@@ -21,50 +21,16 @@ fewer than 2 dimensions are one vector in every mode, as in mergekit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Real
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from starmerge.errors import ConfigError
-from starmerge.methods.base import MAX_FACTOR, count_problem
+from starmerge.methods.base import count_problem
 from starmerge.tensors.delta import Delta, Dense, LowRank
 
 Mode = Literal["flat", "rows", "cols"]
-
-
-def check_weights(value: Any) -> str | None:
-    """A ``Param.check``: None, or a list of numbers in ``[-MAX_FACTOR, MAX_FACTOR]``."""
-    if value is None:
-        return None
-    ok = isinstance(value, (list, tuple)) and all(
-        isinstance(w, Real) and not isinstance(w, bool) for w in value
-    )
-    if not ok:
-        return "must be a list of numbers, one per model (or unset)"
-    big = next((i for i, w in enumerate(value) if abs(w) > MAX_FACTOR), None)
-    if big is not None:
-        return f"must hold numbers in [-{MAX_FACTOR:g}, {MAX_FACTOR:g}] (entry {big} is not)"
-    return None
-
-
-def model_weights(weights: Sequence[float] | None, n_tasks: int, method: str) -> list[float]:
-    """Per-model weights checked against the number of models; all 1.0 when None.
-
-    Raises:
-        ConfigError: ``weights`` does not have one entry per model.
-    """
-    if weights is None:
-        return [1.0] * n_tasks
-    if len(weights) != n_tasks:
-        raise ConfigError(
-            [
-                f"{method}: weights has {len(weights)} entries but there are {n_tasks} models; "
-                "give one weight per model (models[].weight) or leave weights unset"
-            ]
-        )
-    return [float(w) for w in weights]
 
 
 def require_models(method: str, n_tasks: int, allowed: tuple[int, int | None], what: str) -> None:

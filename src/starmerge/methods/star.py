@@ -46,6 +46,7 @@ import torch
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
 from starmerge.methods.contract import Separable
+from starmerge.methods.footprint import F32, F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.spectral import star_dense, star_factored
 
@@ -92,6 +93,15 @@ def star_transform(delta: Delta, *, eta: float = 40.0) -> tuple[Delta, dict[str,
     return factors, {"kept_ranks": kept}
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """Dense: the (T, m, n) stack, its batched float32 SVD and the average; LoRA: the factors."""
+    if case.lowrank:
+        return Footprint(case.factors(1, F64))
+    if not case.matrix:
+        return Footprint(case.copies(2))
+    return Footprint(case.copies(case.n_tasks + 1) + case.svd(F32, batch=case.n_tasks))
+
+
 @register_method(
     "star",
     params={"eta": Param(40.0, "eta: % of each matrix's nuclear norm kept", in_range(0, 100))},
@@ -99,6 +109,7 @@ def star_transform(delta: Delta, *, eta: float = 40.0) -> tuple[Delta, dict[str,
     lowrank_output=True,
     paper="https://arxiv.org/abs/2502.10339",
     separable=Separable(star_transform, "mean"),
+    memory=_memory,
 )
 def star(deltas: Sequence[Delta], *, eta: float = 40.0) -> Merged:
     """STAR: truncate each task's spectrum to eta % of its nuclear norm, rescale, average.

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, factor_range, register_method
+from starmerge.methods.footprint import Footprint
 from starmerge.tensors.delta import Delta, Dense
 
 
@@ -96,6 +97,8 @@ def _result(merged: Tensor, mask: Tensor, out_dtype: torch.dtype) -> Merged:
     params=_params(0.4),
     accepts=("dense",),
     paper="https://arxiv.org/abs/2405.07813",
+    # memory: S, alpha S, the int32 count, one task's |tau|, |target - tau| and its scale
+    memory=lambda case: Footprint(case.copies(6)),
 )
 def tall_masks(
     deltas: Sequence[Delta], *, mask_lambda: float = 0.4, alpha: float = 0.4, consensus: int = 2
@@ -127,6 +130,8 @@ def tall_masks(
     params=_params(1.0),
     accepts=("dense",),
     paper="https://arxiv.org/abs/2405.07813",
+    # memory: as tall_masks without alpha S (the mask is built against S itself)
+    memory=lambda case: Footprint(case.copies(5)),
 )
 def consensus(
     deltas: Sequence[Delta], *, mask_lambda: float = 0.4, alpha: float = 1.0, consensus: int = 2

@@ -28,51 +28,19 @@ not see the other tasks' weights, so it refuses ``normalize: true`` (merge with 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Real
 from typing import Any
 
 import torch
 
 from starmerge.errors import ConfigError
-from starmerge.methods.base import MAX_FACTOR, Merged, Param, factor_range, register_method
+from starmerge.methods.base import Merged, Param, factor_range, register_method
 from starmerge.methods.contract import Separable
+from starmerge.methods.footprint import summed
+from starmerge.methods.params import check_weights, task_weights
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import concat_lowrank
 
 _ZERO_SUM = 1e-8  # mergekit: a summed weight below this is replaced by 1
-
-
-def _check_weights(value: Any) -> str | None:
-    """A ``Param.check``: None or a list of numbers in ``[-MAX_FACTOR, MAX_FACTOR]``."""
-    if value is None:
-        return None
-    ok = isinstance(value, (list, tuple)) and all(
-        isinstance(w, Real) and not isinstance(w, bool) for w in value
-    )
-    if not ok:
-        return "must be a list of numbers, one per model (or unset)"
-    big = next((i for i, w in enumerate(value) if abs(w) > MAX_FACTOR), None)
-    if big is not None:
-        return f"must hold numbers in [-{MAX_FACTOR:g}, {MAX_FACTOR:g}] (entry {big} is not)"
-    return None
-
-
-def task_weights(weights: Sequence[float] | None, n_tasks: int, method: str) -> list[float]:
-    """Per-task weights: ``weights`` checked against ``n_tasks``, or all 1.0 when None.
-
-    Raises:
-        ConfigError: ``weights`` does not have one entry per task.
-    """
-    if weights is None:
-        return [1.0] * n_tasks
-    if len(weights) != n_tasks:
-        raise ConfigError(
-            [
-                f"{method}: weights has {len(weights)} entries but there are {n_tasks} models; "
-                "give one weight per model (models[].weight) or leave weights unset"
-            ]
-        )
-    return [float(w) for w in weights]
 
 
 def normalized_coefficients(
@@ -125,7 +93,7 @@ def scale_task(
             1.0, "lambda: multiplies the (weighted) sum of task vectors", factor_range()
         ),
         "weights": Param(
-            None, "per-model weights w_t (default: models[].weight, else 1.0)", check=_check_weights
+            None, "per-model weights w_t (default: models[].weight, else 1.0)", check=check_weights
         ),
         "normalize": Param(False, "divide by the sum of the weights (mergekit's normalize)"),
     },
@@ -133,6 +101,7 @@ def scale_task(
     lowrank_output=True,
     paper="https://arxiv.org/abs/2212.04089",
     separable=Separable(scale_task, "sum", per_task={"weights": "weight"}),
+    memory=summed,
 )
 def task_arithmetic(
     deltas: Sequence[Delta],

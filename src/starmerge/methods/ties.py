@@ -61,6 +61,7 @@ from starmerge.methods.base import (
     in_range,
     register_method,
 )
+from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.generalized_ta import number_list, per_model
 from starmerge.tensors.delta import Delta, Dense
 from starmerge.tensors.sparsify import (
@@ -114,10 +115,10 @@ class TiesFitter:
         densities: Sequence[float] | None = None,
         **_: Any,
     ):
-        self.densities = per_model(
-            "ties", {"density": density, "densities": densities}, "density", n_tasks
-        )
         self.local = trim == "local"
+        self.needs_deltas = not self.local  # local thresholds come per parameter, in the kernel
+        given = {"density": density, "densities": densities}
+        self.densities = [] if self.local else per_model("ties", given, "density", n_tasks)
         self.selects = [RadixSelect() for _ in range(n_tasks)]
         self.pass_no = 0
 
@@ -212,6 +213,11 @@ def disjoint_mean(
     return total.div_(count.masked_fill_(count == 0, 1.0)), kept
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """Kernel: total, sign, count, a trimmed task, its sign and masks; fit: |x|, its bits."""
+    return Footprint(case.copies(6.5), case.copies(2.5) + case.n_tasks * 2**19)
+
+
 @register_method(
     "ties",
     params={
@@ -235,6 +241,7 @@ def disjoint_mean(
     fit=_fit_ties,
     fit_reads=lambda params: () if params["trim"] == "local" else ("density", "densities", "trim"),
     paper="https://arxiv.org/abs/2306.01708",
+    memory=_memory,
 )
 def ties(
     deltas: Sequence[Delta],

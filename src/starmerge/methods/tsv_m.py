@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, factor_range, in_range, optional, register_method
+from starmerge.methods.footprint import F32, F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.lowrank_svd import delta_svd
 from starmerge.tensors.sparsify import keep_count
@@ -124,6 +125,21 @@ def tsv_rank_cap(fraction: float | None, p: int, n_tasks: int) -> int:
     return p // n_tasks if fraction is None else keep_count(fraction, p)
 
 
+def _memory(case: MemoryCase) -> Footprint:
+    """TSV-M's memory: every task's float64 U and V^T, one SVD's workspace, the polar factors.
+
+    Dense: one task's SVD (its copy, workspace) and the polar factors' QR and SVD (fitted:
+    18 k^2 + 4 m n floats) besides the kept triplets; LoRA: the factors' QR and cores.
+    """
+    if case.lowrank:
+        return Footprint(case.factors(4, F64))
+    if not case.matrix:
+        return Footprint(case.copies(2))
+    m, n = case.dims
+    k = min(m, n)
+    return Footprint(case.n_tasks * F64 * (m * k + k * n) + F32 * (18 * k * k + 4 * m * n))
+
+
 @register_method(
     "tsv_m",
     params={
@@ -137,6 +153,7 @@ def tsv_rank_cap(fraction: float | None, p: int, n_tasks: int) -> int:
     accepts=("dense", "lowrank"),
     lowrank_output=True,
     paper="https://arxiv.org/abs/2412.00081",
+    memory=_memory,
 )
 def tsv_m(
     deltas: Sequence[Delta], *, scaling: float = 1.0, fraction: float | None = None

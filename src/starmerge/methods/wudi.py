@@ -46,12 +46,32 @@ import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, Param, in_range, register_method
+from starmerge.methods.footprint import F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.factors import sq_frobenius
 from starmerge.tensors.spectral import numerical_rtol, orthonormal_factor
 
 Gradient = Callable[[Tensor], Tensor]  # X (m, n) -> dL/dX (m, n)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as in the reference
+
+
+def _memory(case: MemoryCase) -> Footprint:
+    """WUDI's memory: Adam's X, moments and gradient, or the exact solve's float64 systems.
+
+    Adam: X, its two moments, the gradient's temporaries and the (n, n) Gram (the T stacked
+    taus while S is formed; while G is summed, one task's Gram and its weighted copy); exact:
+    the taus twice in float64, the basis of their rows (n or T m wide), Gram, eigh, H and X.
+    """
+    n_tasks, (m, n_in) = case.n_tasks, case.dims
+    if case.params.get("solver") == "exact":
+        if case.lowrank:
+            return Footprint(case.factors(3.5, F64))
+        side = min(n_in, n_tasks * m)  # the basis of the tasks' rows
+        return Footprint(case.copies(4 * n_tasks + 8) + case.square(side, 10))
+    if case.lowrank:  # X from the factors (its float64 product), the moments, the gradient
+        return Footprint(case.copies(7) + case.factors(2, F64))
+    loop = case.copies(max(n_tasks + 3, 8)) + case.square(n_in)
+    return Footprint(max(loop, case.copies(2) + case.square(n_in, 3)))
 
 
 @register_method(
@@ -68,6 +88,7 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as in the r
     accepts=("dense", "lowrank"),
     lowrank_output=lambda params: params["solver"] == "exact",
     paper="https://arxiv.org/abs/2503.08099",
+    memory=_memory,
 )
 def wudi(
     deltas: Sequence[Delta],

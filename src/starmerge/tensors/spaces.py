@@ -37,15 +37,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from starmerge.tensors.delta import Delta, LowRank
-from starmerge.tensors.spectral import numerical_rtol, orthonormal_factor
+from starmerge.tensors.spectral import numerical_rtol
 
 SPACES: tuple[str, ...] = ("full", "core", "knots")  # "full": the deltas as they are
 _F64 = torch.float64
+# The Gram route only when x^T x has all eigenvalues within this factor of the largest (cond(x)
+# <= 1e3): U's orthonormality error is then about eps64 * cond^2 = 2e-10 (as orthonormal_factor).
+_GRAM_MIN_EIG_RATIO = 1e-6
 
 
 @dataclass(frozen=True)
@@ -55,25 +59,42 @@ class Projection:
     Args:
         space: ``core`` or ``knots``.
         shape: The parameter's shape ``(m, n)``.
-        left: ``(m, p)`` float64: ``U_B`` (core) or ``U S`` (knots).
-        right: ``(q, n)`` float64 ``V_A^T`` (core), or None (knots: the identity, q = n).
         coords: Per task its ``(p, q)`` coordinates ``C_t`` (zeros for a task without the
             module), float32 (float64 when an input is float64).
+        left_factors: ``(base, small)`` with ``L = base @ small`` ``(m, p)``, float64:
+            ``U_B`` (core) or ``U S`` (knots). The tall product is formed only when ``left``
+            is read (the lift), not in the fit passes, which need only the coordinates.
+        right_factors: ``(base, small)`` with ``R = (base @ small)^T`` ``(q, n)``, float64
+            ``V_A^T`` (core), or None (knots: the identity, q = n).
     """
 
     space: str
     shape: tuple[int, int]
-    left: Tensor
-    right: Tensor | None
     coords: tuple[Tensor, ...]
+    left_factors: tuple[Tensor, Tensor]
+    right_factors: tuple[Tensor, Tensor] | None
+
+    @cached_property
+    def left(self) -> Tensor:
+        """``(m, p)`` float64: ``U_B`` (core) or ``U S`` (knots), formed on first use."""
+        base, small = self.left_factors
+        return base @ small
+
+    @cached_property
+    def right(self) -> Tensor | None:
+        """``(q, n)`` float64 ``V_A^T`` (core), formed on first use; None (knots)."""
+        if self.right_factors is None:
+            return None
+        base, small = self.right_factors
+        return (base @ small).T
 
     @property
     def core_shape(self) -> tuple[int, int]:
         """The coordinates' shape ``(p, q)``: core ``(p, q)``, knots ``(rho, n)``."""
-        return (
-            int(self.left.shape[1]),
-            self.shape[1] if self.right is None else self.right.shape[0],
-        )
+        right = self.right_factors
+        return int(self.left_factors[1].shape[1]), self.shape[1] if right is None else right[
+            1
+        ].shape[1]
 
     @property
     def empty(self) -> bool:
@@ -85,6 +106,7 @@ class Projection:
         """``L merged R`` as ``LowRank`` of the parameter's shape, in ``merged``'s dtype (exact).
 
         Example:
+            >>> from starmerge.tensors.delta import Dense
             >>> proj = project([LowRank(torch.ones(3, 1), torch.ones(1, 2), 2.0)], "core")
             >>> proj.lift(Dense(proj.coords[0])).to_dense()
             tensor([[2., 2.],
@@ -141,7 +163,7 @@ def project(deltas: Sequence[LowRank | None], space: str) -> Projection:
         left, right, coords = _core(parts, shape, rtol, present[0].device)
     else:
         left, right, coords = _knots(parts, shape, rtol, present[0].device)
-    return Projection(space, shape, left, right, tuple(c.to(data) for c in coords))
+    return Projection(space, shape, tuple(c.to(data) for c in coords), left, right)
 
 
 def _part(delta: LowRank | None) -> tuple[Tensor, Tensor] | None:
@@ -154,19 +176,40 @@ def _part(delta: LowRank | None) -> tuple[Tensor, Tensor] | None:
 def left_singular(x: Tensor, rtol: float) -> Tensor:
     """The left singular vectors of ``x`` ``(k, R)`` at its numerical rank, ``(k, rank)``.
 
-    ``x = Q F`` (Gram route or QR, :func:`~starmerge.tensors.spectral.orthonormal_factor`), then
-    the SVD of the small ``F = W diag(s) Z^T``: ``U = Q W``. O(k R^2), never an SVD of the tall
-    matrix itself.
-
     Example:
         >>> left_singular(torch.eye(3, dtype=torch.float64)[:, :2] * 2, 1e-12).shape
         torch.Size([3, 2])
     """
-    if x.shape[1] == 0:
-        return x.new_zeros(x.shape[0], 0)
-    q, f = orthonormal_factor(x[None])  # (1, k, c), (1, c, R)
-    w, s, _ = torch.linalg.svd(f[0], full_matrices=False)
-    return q[0] @ w[:, : _rank(s, rtol)]
+    base, to_u, _ = singular_basis(x, rtol)
+    return base @ to_u
+
+
+def singular_basis(x: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` ``(k, R)`` float64 as ``U C``: U its left singular vectors at the numerical rank.
+
+    Returns ``(base, to_u, coef)`` with ``U = base @ to_u`` ``(k, rank)`` left unformed (one
+    tall product, paid only by a lift) and ``coef = U^T x`` ``(rank, R)``. A well-conditioned x
+    (all eigenvalues of ``x^T x = W L W^T`` within a factor 1e6, the usual stacked LoRA factor)
+    takes the Gram route: ``U = x W L^-1/2`` and ``coef = L^1/2 W^T`` (already an SVD, so no
+    SVD at all; Q orthonormal to about eps64 * cond^2, as in
+    :func:`~starmerge.tensors.spectral.orthonormal_factor`). Otherwise Householder QR
+    ``x = Q F`` (exact for every input), the SVD of the small ``F = W diag(s) Z^T``, ``U = Q W``
+    and ``coef = W^T F``, so a zero column of x (a zero ``B_t``) gives an exactly zero column.
+    Cost O(k R^2) for ``x^T x`` (or the QR); never an SVD of the tall matrix.
+    """
+    k, r = x.shape
+    if r == 0:
+        return x.new_zeros(k, 0), x.new_zeros(0, 0), x.new_zeros(0, 0)
+    eig, w = torch.linalg.eigh(x.T @ x)  # ascending
+    top = float(eig[-1])
+    if top > 0 and float(eig[0]) > top * _GRAM_MIN_EIG_RATIO:
+        s, w = eig.flip(0).sqrt(), w.flip(1)  # descending singular values of x
+        keep = _rank(s, rtol)
+        return x, w[:, :keep] / s[:keep], s[:keep, None] * w[:, :keep].T
+    q, f = torch.linalg.qr(x)  # (k, c), (c, R)
+    w, s, _ = torch.linalg.svd(f, full_matrices=False)
+    w = w[:, : _rank(s, rtol)]
+    return q, w, w.T @ f
 
 
 def _rank(s: Tensor, rtol: float) -> int:
@@ -178,8 +221,8 @@ def _rank(s: Tensor, rtol: float) -> int:
 
 def _core(
     parts: list[tuple[Tensor, Tensor] | None], shape: tuple[int, int], rtol: float, device
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Core Space: ``U_B`` ``(m, p)``, ``V_A^T`` ``(q, n)`` and every task's ``(p, q)`` core."""
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[Tensor]]:
+    """Core Space: ``U_B`` ``(m, p)`` and ``V_A`` ``(n, q)`` (unformed), every ``(p, q)`` core."""
     m, n = shape
     given = [p for p in parts if p is not None]
     if given:
@@ -188,41 +231,39 @@ def _core(
     else:
         b = torch.zeros(m, 0, dtype=_F64, device=device)
         a = torch.zeros(0, n, dtype=_F64, device=device)
-    u_b = left_singular(b, rtol)  # (m, p)
-    v_a = left_singular(a.T, rtol)  # (n, q): A^T's left = A's right singular vectors
-    # M_t = (U_B^T s_t B_t) (A_t V_A) from the factors themselves (not from the SVDs' small
-    # factors), so that a zero B_t gives an exactly zero core, as it gives a zero delta.
-    b_coef, a_coef = u_b.T @ b, a @ v_a  # (p, R), (R, q)
+    b_base, to_u, b_coef = singular_basis(b, rtol)  # U_B = b_base @ to_u (m, p); U_B^T B
+    a_base, to_v, a_coef = singular_basis(a.T, rtol)  # V_A (n, q): A's right singular vectors
+    # M_t = (U_B^T s_t B_t) (A_t V_A): columns of the coefficients, exactly 0 for a zero B_t
+    # (as its delta is); the tall U_B and V_A are formed only if the merge is lifted.
     cores, col = [], 0
     for part in parts:
         r_t = 0 if part is None else part[1].shape[0]
-        cores.append(b_coef[:, col : col + r_t] @ a_coef[col : col + r_t])  # (p, q)
+        cores.append(b_coef[:, col : col + r_t] @ a_coef[:, col : col + r_t].T)  # (p, q)
         col += r_t
-    return u_b, v_a.T, cores
+    return (b_base, to_u), (a_base, to_v), cores
 
 
 def _knots(
     parts: list[tuple[Tensor, Tensor] | None], shape: tuple[int, int], rtol: float, device
-) -> tuple[Tensor, None, list[Tensor]]:
-    """KnOTS: ``U S`` ``(m, rho)`` and every task's ``V_t^T`` ``(rho, n)``, from the factors."""
+) -> tuple[tuple[Tensor, Tensor], None, list[Tensor]]:
+    """KnOTS: ``U S`` ``(m, rho)`` (unformed) and every task's ``V_t^T`` ``(rho, n)``."""
     m, n = shape
     given = [p for p in parts if p is not None]
     if not given:
-        empty = torch.zeros(m, 0, dtype=_F64, device=device)
+        empty = (torch.zeros(m, 0, dtype=_F64, device=device), torch.zeros(0, 0, dtype=_F64))
         return empty, None, [torch.zeros(0, n, dtype=_F64, device=device) for _ in parts]
     b = torch.cat([sb for sb, _ in given], dim=1)  # (m, R)
-    q_b, r_b = orthonormal_factor(b[None])
-    q_b, r_b = q_b[0], r_b[0]  # (m, c), (c, R)
+    b_base, to_q, r_b = singular_basis(b, 0.0)  # B = Q_B R_B, Q_B = b_base @ to_q (unformed)
     blocks, col = [], 0
     for sb, a in given:
-        r_a = orthonormal_factor(a.T[None])[1][0]  # A_t^T = Q_t R_t, R_t (k_t, r_t)
+        r_a = singular_basis(a.T, 0.0)[2]  # A_t^T = Q_t R_t, R_t (k_t, r_t); Q_t never formed
         blocks.append(r_b[:, col : col + sb.shape[1]] @ r_a.T)  # (c, k_t)
         col += sb.shape[1]
     u_c, s, _ = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
     rho = _rank(s, rtol)
-    u = q_b @ u_c[:, :rho]  # (m, rho)
-    # V_t^T = S^-1 U^T D_t = S^-1 (U^T s_t B_t) A_t from the factors: a zero B_t gives exact 0.
-    ub = (u.T @ b) / s[:rho, None]  # (rho, R)
+    # V_t^T = S^-1 U^T D_t = S^-1 (U^T s_t B_t) A_t with U = Q_B u_c: U^T s_t B_t is a block of
+    # u_c^T R_B, exactly 0 for a zero B_t.
+    ub = (u_c[:, :rho].T @ r_b) / s[:rho, None]  # (rho, R)
     coords, col = [], 0
     for part in parts:
         if part is None:
@@ -231,5 +272,4 @@ def _knots(
         r_t = part[1].shape[0]
         coords.append(ub[:, col : col + r_t] @ part[1])  # V_t^T, (rho, n)
         col += r_t
-    left = u * s[:rho]  # U S, (m, rho)
-    return left, None, coords
+    return (b_base, to_q @ (u_c[:, :rho] * s[:rho])), None, coords  # U S = Q_B u_c S
