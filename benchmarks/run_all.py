@@ -5,7 +5,7 @@ average, raw timings, verdicts). Inputs are synthetic and cached under ``benchma
 (git-ignored), so a second run skips building them. Performance targets are reported here as
 PASS/FAIL, never asserted: the exit status is non-zero only when a benchmark itself crashed.
 
-Usage: python benchmarks/run_all.py [--quick] [--only star,memory,methods]
+Usage: python benchmarks/run_all.py [--quick] [--only star,memory,methods,spectral]
 Full run: about 12-20 minutes on 2 cores; --quick: about 2 minutes (small sizes, no targets).
 """
 
@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_memory  # noqa: E402
 import bench_methods  # noqa: E402
+import bench_spectral  # noqa: E402
 import bench_star  # noqa: E402
 import common as C  # noqa: E402
 
@@ -30,6 +31,7 @@ BENCHMARKS = {  # name -> (script, module with summary_lines, result name)
     "star": ("bench_star.py", bench_star, "star"),
     "memory": ("bench_memory.py", bench_memory, "memory"),
     "methods": ("bench_methods.py", bench_methods, "methods"),
+    "spectral": ("bench_spectral.py", bench_spectral, "spectral"),
 }
 
 

@@ -58,6 +58,7 @@ from starmerge.methods.tsv_m import average, data_dtype, matrix_form, polar, spe
 from starmerge.tensors.delta import Delta, LowRank
 from starmerge.tensors.factors import sq_frobenius
 from starmerge.tensors.lowrank_svd import ThinSVD, dense_svd, lowrank_sum_svd
+from starmerge.tensors.spaces import singular_basis
 from starmerge.tensors.sparsify import keep_count
 from starmerge.tensors.spectral import numerical_rtol
 
@@ -81,13 +82,38 @@ def input_cut(deltas: Sequence[Delta], data: torch.dtype) -> float:
 def sum_svd(deltas: Sequence[Delta], lowrank: bool, data: torch.dtype) -> ThinSVD:
     """Thin SVD of the sum of the task deltas at its numerical rank (float64)."""
     if lowrank:
-        svd = lowrank_sum_svd(deltas)  # type: ignore[arg-type]
+        svd = factored_sum_svd(deltas)  # type: ignore[arg-type]
     else:
         total = torch.zeros(deltas[0].shape, dtype=torch.float64, device=deltas[0].device)
         for d in deltas:
             total += d.to_dense(torch.float64)
         svd = dense_svd(total, data_dtype=data)
     return above(svd, input_cut(deltas, data))
+
+
+def factored_sum_svd(deltas: Sequence[LowRank]) -> ThinSVD:
+    """Thin SVD of ``sum_t s_t B_t A_t`` at its numerical rank, from the stacked factors (float64).
+
+    :func:`~starmerge.tensors.lowrank_svd.lowrank_sum_svd` (same cut-off, same result to float64
+    rounding) without forming the orthonormal bases of the stacked factors: with
+    ``B = U_B C_B`` and ``A^T = U_A C_A`` (:func:`~starmerge.tensors.spaces.singular_basis`,
+    ``U_B = B M_B`` left unformed) and the SVD ``C_B C_A^T = W diag(s) Z^T`` of the R x R core,
+    ``U = B (M_B W)`` and ``V = A^T (M_A Z)``: one tall product per side instead of three.
+    """
+    m, n = deltas[0].shape
+    live = [d for d in deltas if d.rank > 0]
+    if not live:
+        return lowrank_sum_svd(deltas)  # the rank-0 SVD
+    data = torch.float64 if any(d.dtype == torch.float64 for d in deltas) else torch.float32
+    b = torch.cat([d.b.to(torch.float64) * float(d.scale) for d in live], dim=1)  # (m, R)
+    a = torch.cat([d.a.to(torch.float64) for d in live], dim=0)  # (R, n)
+    b_base, to_b, c_b = singular_basis(b, 0.0)  # U_B = b_base @ to_b, C_B = U_B^T B
+    a_base, to_a, c_a = singular_basis(a.T, 0.0)
+    w, s, zh = torch.linalg.svd(c_b @ c_a.T, full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    keep = int((s > numerical_rtol((m, n), data) * top).sum()) if top > 0 else 0
+    u = b_base @ (to_b @ w[:, :keep])  # (m, rho)
+    return ThinSVD(u, s[:keep], (a_base @ (to_a @ zh[:keep].T)).T)
 
 
 def iso_sizes(rho: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
