@@ -124,6 +124,15 @@ def time_case(name: str, inputs: dict, work: Path, repeats: int) -> dict:
 def run(
     quick: bool, names: list[str], do_profile: bool, do_memory: bool, reuse_peers: Path | None
 ) -> dict:
+    earlier = json.loads(reuse_peers.read_text()) if reuse_peers else {}
+    reused = earlier.get("peers", {})
+    origin = {
+        "path": str(reuse_peers),
+        **{
+            k: earlier.get("machine", {}).get(k)
+            for k in ("date_utc", "git_head", "loadavg_at_start")
+        },
+    }
     mode = "quick" if quick else "full"
     size = SIZES[mode]
     work = C.WORK / f"spectral_{mode}"
@@ -144,12 +153,11 @@ def run(
     result["cli"] = {n: time_case(n, inputs, work, size["repeats"]) for n in names}
     adapters = [C.read_adapter(t) for t in inputs["tasks"]]
     peers = sorted({CASES[n][3] for n in names})
-    reused = json.loads(reuse_peers.read_text())["peers"] if reuse_peers else {}
     print("  the peers' dense formulations (float32, sampled)...", flush=True)
     result["peers"] = {}
     for peer in peers:
         if peer in reused:  # timed by an earlier run of this benchmark (said so in the result)
-            result["peers"][peer] = {**reused[peer], "reused_from": str(reuse_peers)}
+            result["peers"][peer] = {**reused[peer], "reused_from": origin}
             continue
         with C.ForeignLoad() as load:
             result["peers"][peer] = A.time_peer(peer, adapters, size)
