@@ -6,7 +6,8 @@ average, raw timings, verdicts). Inputs are synthetic and cached under ``benchma
 PASS/FAIL, never asserted: the exit status is non-zero only when a benchmark itself crashed.
 
 Usage: python benchmarks/run_all.py [--quick] [--only star,memory,methods,spectral]
-Full run: about 50-60 minutes on 2 cores (spectral alone about 40); --quick: about 3 minutes (small sizes, no targets).
+Full run: about 50-60 minutes on 2 cores (spectral alone about 40);
+--quick: about 3 minutes (small sizes, no targets).
 """
 
 from __future__ import annotations
