@@ -144,13 +144,8 @@ def orthonormal_factor(x: Tensor) -> tuple[Tensor, Tensor]:
         >>> torch.allclose(q @ s, x)
         True
     """
-    gram = x.mT @ x  # (T, r, r)
-    eig, w = torch.linalg.eigh(gram)  # ascending
-    top = eig[..., -1]
-    if bool(((top > 0) & (eig[..., 0] > top * _GRAM_MIN_EIG_RATIO)).all()):
-        root = eig.sqrt()  # (T, r)
-        return x @ (w / root[..., None, :]), root[..., :, None] * w.mT
-    return torch.linalg.qr(x)
+    transform, r = factor_transform(x)
+    return (x @ transform if isinstance(transform, Tensor) else transform[0]), r
 
 
 def star_dense(
