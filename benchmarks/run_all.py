@@ -5,7 +5,7 @@ average, raw timings, verdicts). Inputs are synthetic and cached under ``benchma
 (git-ignored), so a second run skips building them. Performance targets are reported here as
 PASS/FAIL, never asserted: the exit status is non-zero only when a benchmark itself crashed.
 
-Usage: python benchmarks/run_all.py [--quick] [--only star,memory,methods,spectral]
+Usage: python benchmarks/run_all.py [--quick] [--only star,memory,methods,spectral,regression]
 Full run: about 50-60 minutes on 2 cores (spectral alone about 40);
 --quick: about 3 minutes (small sizes, no targets).
 """
@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_memory  # noqa: E402
 import bench_methods  # noqa: E402
+import bench_regression  # noqa: E402
 import bench_spectral  # noqa: E402
 import bench_star  # noqa: E402
 import common as C  # noqa: E402
@@ -33,6 +34,7 @@ BENCHMARKS = {  # name -> (script, module with summary_lines, result name)
     "memory": ("bench_memory.py", bench_memory, "memory"),
     "methods": ("bench_methods.py", bench_methods, "methods"),
     "spectral": ("bench_spectral.py", bench_spectral, "spectral"),
+    "regression": ("bench_regression.py", bench_regression, "regression"),
 }
 
 
