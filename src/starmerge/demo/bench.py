@@ -2,8 +2,9 @@
 
 :class:`DemoBench` merges task adapters with ``starmerge.api.merge_deltas``, scores the patched
 model on each task's test set (predictions cached under a hash of the exact patched weights) and
-collects the base, individual and per-method rows into a ``Results``. The loop that drives it is
-:func:`starmerge.demo.run.run_demo`.
+collects the base, individual and per-method rows into a ``Results``; a method that merges fewer
+models than there are tasks gets a row over task groups (:mod:`starmerge.demo.pairs`). The loop
+that drives it is :func:`starmerge.demo.run.run_demo`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from starmerge.api import merge_deltas
 from starmerge.demo.assets import TaskData
+from starmerge.demo.pairs import PlannedRow, aggregate, groups_name, task_groups, with_comparators
 from starmerge.demo.train import Recipe, TaskAdapter, applied, tier_module
 from starmerge.errors import StarmergeError
 from starmerge.eval.results import Results
@@ -65,6 +67,7 @@ class DemoBench:
         self.merge_s: dict[str, float] = {}
         self.merge_peak_bytes: dict[str, int] = {}
         self.data_used: dict[str, dict[str, Any]] = {}
+        self.merges: dict[str, list[list[str]]] = {}  # row -> its task groups (pairs.py)
         self.tier = tier_module(recipe.model).make_tier(recipe, adapters, cache)
         # Statistics for the data methods, from n_stats of each task's *training* items.
         self.stats = self.tier.statistics(adapters, train, cache, n_stats, seed, recipe)
@@ -115,7 +118,8 @@ class DemoBench:
         """The merged delta of ``tasks``' adapters (``starmerge.api.merge_deltas``).
 
         With ``row``, the merge's own time and peak memory above the start (statistics are
-        collected first, outside both) go to ``merge_s`` and ``merge_peak_bytes``.
+        collected first, outside both) go to ``merge_s`` and ``merge_peak_bytes``: summed, and
+        the largest, over a row's merges (rows of task groups merge once per group).
         """
         params = dict(params)
         space = params.pop(SPACE, "full")
@@ -126,8 +130,10 @@ class DemoBench:
         with PeakMemory() as memory:
             merged = merge_deltas(method, deltas, params, base=base, space=space)
         if row is not None:
-            self.merge_s[row] = round(time.perf_counter() - start, 3)
-            self.merge_peak_bytes[row] = max(0, memory.peak - at_start)
+            seconds = self.merge_s.get(row, 0.0) + time.perf_counter() - start
+            self.merge_s[row] = round(seconds, 3)
+            peak = max(0, memory.peak - at_start)
+            self.merge_peak_bytes[row] = max(peak, self.merge_peak_bytes.get(row, 0))
         return merged.deltas
 
     def _base(self, deltas: Sequence[Mapping[str, Delta]]) -> dict[str, Tensor]:
@@ -135,11 +141,13 @@ class DemoBench:
         params = dict(self.tier.module.named_parameters())
         return {k: params[k].detach() for d in deltas for k in d}
 
-    def plan(self, methods: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
-        """(row name, method, parameters) per merge.
+    def plan(self, methods: list[str] | None) -> list[PlannedRow]:
+        """The merges, in order: the rows of all tasks at once, then those of task groups.
 
-        Skipped: data the demo cannot provide, or a method that does not merge this many
-        models (SLERP: two at most).
+        A method that merges fewer models than there are tasks (its registry entry's
+        ``n_models``: SLERP two, NearSwap one) gets a row over task groups, after a comparator
+        row on the same groups (:mod:`starmerge.demo.pairs`). Skipped: data the demo cannot
+        provide, or a method that needs more models than there are tasks.
         """
         names = METHODS.names() if methods is None else methods
         candidates = [(name, name, {}) for name in names] + [
@@ -147,21 +155,28 @@ class DemoBench:
             for name, given in EXTRA_ROWS
             if name in names
         ]
-        rows = []
+        whole, partial = [], []
         for label, name, given in candidates:
             method = METHODS.get(name)
             params = {k: v for k, v in given.items() if k != SPACE}
-            unavailable = self.stats.unavailable(name, method.resolve(params))
-            if unavailable or method.models_problem(len(self.adapters)):
+            groups = task_groups(method.n_models, list(self.adapters))
+            if self.stats.unavailable(name, method.resolve(params)) or groups == ():
                 self.skipped.append(label)
+            elif groups is None:
+                whole.append(PlannedRow(label, name, given))
             else:
-                rows.append((label, name, params, given.get(SPACE)))
-        out = []
-        for label, name, params, space in rows:
-            resolved = METHODS.get(name).resolve(params)
-            shown = {k: v for k, v in resolved.items() if v is not None}
-            out.append((label, name, shown if space is None else {**shown, SPACE: space}))
-        return out
+                partial.append(PlannedRow(f"{label} ({groups_name(groups)})", name, given, groups))
+        return [_shown(row) for row in [*whole, *with_comparators(partial)]]
+
+    def score_groups(self, row: PlannedRow) -> dict[str, Any]:
+        """Merge each of ``row``'s task groups, score it on its own tasks and combine per task.
+
+        A task's score is the mean over the groups that hold it (:func:`pairs.aggregate`).
+        """
+        scored = [
+            self.score(self.merge(row.method, g, row.params, row.label), g) for g in row.groups
+        ]
+        return aggregate(list(self.adapters), row.groups, scored)
 
     def evaluate(self, methods: list[str] | None, full: bool, n_train: Mapping[str, int]):
         """A ``Results`` with base, individual and one row per merge."""
@@ -169,7 +184,7 @@ class DemoBench:
         config = {
             "recipe": asdict(self.recipe),
             "full": full,
-            "rows": [r[0] for r in plan],
+            "rows": [r.label for r in plan],
             "skipped": self.skipped,
         }
         results = Results(self.tier.suite, self.tier.model_label, seed=self.seed, config=config)
@@ -198,18 +213,34 @@ class DemoBench:
 
         add("base", self.score({}, names))
         add("individual", {t: self.score(self.adapters[t].deltas, [t])[t] for t in names})
-        for row, method, params in plan:
-            bar.set_postfix_str(row)
+        for row in plan:
+            bar.set_postfix_str(row.label)
             try:
-                merged = self.merge(method, names, params, row)
-                self.data_used[row] = self.stats.used(method, params)
-                add(row, self.score(merged, names), method, params)
+                if row.groups is None:
+                    merged = self.merge(row.method, names, row.params, row.label)
+                    scored = self.score(merged, names)
+                else:
+                    scored = self.score_groups(row)
+                    self.merges[row.label] = [list(g) for g in row.groups]
+                self.data_used[row.label] = self.stats.used(row.method, row.params)
+                add(row.label, scored, row.method, row.params)
             except (StarmergeError, NotImplementedError, ValueError, RuntimeError) as err:
-                self.failed[row] = f"{type(err).__name__}: {err}"
-                print(f"warning: demo: {row} failed: {self.failed[row]}", file=sys.stderr)
+                why = self.failed[row.label] = f"{type(err).__name__}: {err}"
+                self.merge_s.pop(row.label, None)  # a row of groups may fail after some merges
+                self.merge_peak_bytes.pop(row.label, None)
+                print(f"warning: demo: {row.label} failed: {why}", file=sys.stderr)
                 bar.update()
         bar.close()
         return results
+
+
+def _shown(row: PlannedRow) -> PlannedRow:
+    """``row`` with its method's resolved parameters (None dropped) and its ``space``, if any."""
+    given = {k: v for k, v in row.params.items() if k != SPACE}
+    resolved = METHODS.get(row.method).resolve(given)
+    shown = {k: v for k, v in resolved.items() if v is not None}
+    space = {SPACE: row.params[SPACE]} if SPACE in row.params else {}
+    return replace(row, params={**shown, **space})
 
 
 def _digest(parts: Iterable[Any]) -> str:

@@ -174,6 +174,9 @@ def run_demo(
         )
         results = bench.evaluate(methods, full, {t: len(s[0]) for t, s in splits.items()})
         data = results.to_json()
+        for row in data["rows"]:  # a row over task groups says which (demo/pairs.py)
+            if row["name"] in bench.merges:
+                row["merges"] = bench.merges[row["name"]]
         data.update(skipped=bench.skipped, failed=bench.failed, data_used=bench.data_used)
         if full:
             data.update(sweeps(bench, data))

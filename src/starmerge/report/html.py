@@ -53,6 +53,25 @@ def _image(path: Path) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
 
 
+def _groups_note(results: Mapping[str, Any]) -> str:
+    """A note on the rows that merge task groups one by one (``merges``: the demo's pairs)."""
+    by_groups: dict[str, list[str]] = {}
+    for row in results["rows"]:
+        if row.get("merges"):
+            groups = ", ".join("+".join(g) for g in row["merges"])
+            by_groups.setdefault(groups, []).append(row["name"])
+    if not by_groups:
+        return ""
+    listed = "; ".join(f"{', '.join(names)} merge {g}" for g, names in by_groups.items())
+    note = (
+        "Rows over task groups (methods that merge one or two models): each merge is scored on "
+        "its own tasks, a task's score is the mean over the merges that hold it. Compare them "
+        "with the comparator on the same groups (one task at a time: with individual), not with "
+        f"the rows that merge every task. {listed}."
+    )
+    return f'<p class="meta">{html.escape(note)}</p>'
+
+
 def _section(results: Mapping[str, Any]) -> str:
     title = f"{results.get('suite', '?')}: {results.get('model', '?')}"
     meta = f"seed {results.get('seed')} · created {results.get('created', '?')}"
@@ -64,7 +83,7 @@ def _section(results: Mapping[str, Any]) -> str:
     return (
         f"<h2>{html.escape(title)}</h2>"
         f'<p class="meta">{html.escape(meta)}<br>tasks: {html.escape(tasks)}</p>'
-        f"{html_table(results)}{costs}"
+        f"{html_table(results)}{_groups_note(results)}{costs}"
         "<details><summary>Configuration and versions</summary>"
         f"<pre>{html.escape(json.dumps(details, indent=2, default=str))}</pre></details>"
     )

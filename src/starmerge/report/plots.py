@@ -15,6 +15,7 @@ from typing import Any
 from starmerge.report.tables import row_label
 
 INDIVIDUAL_COLOR, BASE_COLOR = "#2a9d8f", "#6c757d"
+MERGED_COLOR, GROUPS_COLOR = "#457b9d", "#a8c5da"  # all tasks at once; task groups (``merges``)
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> Any:
@@ -41,8 +42,8 @@ def _short(label: str, width: int = 16, lines: int = 4) -> str:
     return "\n".join(wrapped)
 
 
-def _merged_bars(results_list: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, Any]]:
-    """(label, normalized, ci) of every row except base and individual, across files."""
+def _merged_bars(results_list: Sequence[Mapping[str, Any]]) -> list[tuple[str, float, Any, str]]:
+    """(label, normalized, ci, color) of every row except base and individual, across files."""
     several = len({r.get("suite") for r in results_list}) > 1
     bars = []
     for res in results_list:
@@ -50,7 +51,8 @@ def _merged_bars(results_list: Sequence[Mapping[str, Any]]) -> list[tuple[str, f
             if row["name"] in ("base", "individual") or row.get("normalized") is None:
                 continue
             label = _short(row_label(row)) + (f"\n[{res.get('suite')}]" if several else "")
-            bars.append((label, float(row["normalized"]), row.get("ci")))
+            color = GROUPS_COLOR if row.get("merges") else MERGED_COLOR
+            bars.append((label, float(row["normalized"]), row.get("ci"), color))
     return bars
 
 
@@ -58,7 +60,8 @@ def plot_normalized(results_list: Sequence[Mapping[str, Any]], out_png: str | Pa
     """Bar chart of each merged row's normalized score with its 95% CI as error bars.
 
     A dashed grey line marks the base model (from the first file that has a base row), a
-    solid line 100 (the individual models).
+    solid line 100 (the individual models). Rows merged over task groups (``merges``: the
+    demo's methods of one or two models) are drawn in a lighter colour.
 
     Args:
         results_list: Results dicts (``load_results``), e.g. one per run.
@@ -75,7 +78,13 @@ def plot_normalized(results_list: Sequence[Mapping[str, Any]], out_png: str | Pa
     # Clamped: a percentile interval need not contain the full-sample estimate.
     lows = [max(0.0, h - b[2][0]) if b[2] else 0.0 for h, b in zip(heights, bars, strict=True)]
     highs = [max(0.0, b[2][1] - h) if b[2] else 0.0 for h, b in zip(heights, bars, strict=True)]
-    ax.bar(xs, heights, yerr=[lows, highs], capsize=4, color="#457b9d", label="merged")
+    kinds = ((MERGED_COLOR, "merged"), (GROUPS_COLOR, "merged by task groups (pairs, alone)"))
+    for color, label in kinds:  # one bar set (and legend entry) per kind present
+        at = [i for i in xs if bars[i][3] == color]
+        if at or color == MERGED_COLOR:
+            errs = [[lows[i] for i in at], [highs[i] for i in at]]
+            tops = [heights[i] for i in at]
+            ax.bar(at, tops, yerr=errs, capsize=4, color=color, label=label)
     ax.axhline(100.0, color=INDIVIDUAL_COLOR, lw=1.2, label="individual (100)")
     base = next(
         (r.get("normalized") for res in results_list for r in res["rows"] if r["name"] == "base"),
