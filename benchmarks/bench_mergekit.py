@@ -117,6 +117,61 @@ def compare_outputs(ours: Path, theirs: Path) -> dict:
             "only_mergekit": len(set(b) - set(a)), "max_rel_err": worst, "worst_key": worst_key}
 
 
+def compare_in_child(ours: Path, theirs: Path) -> dict:
+    """:func:`compare_outputs` in a child process, so that this process stays small.
+
+    On Linux a child's ``ru_maxrss`` starts from its parent's peak RSS (the parent's memory
+    high-water mark is carried into the exec'd child's rusage), so one 2 GB comparison here
+    would raise the reported peak of every later run to 2 GB.
+    """
+    argv = [sys.executable, __file__, "--compare", str(ours), str(theirs)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+# Read every tensor of a checkpoint, the way TensorIndex did (safe_open handles held open, each
+# tensor through the memory map) or does (positioned reads), and touch one byte per 4 KiB page
+# (a mapped tensor is read lazily); prints the seconds spent.
+READ_CHILD = """
+import sys, time
+from pathlib import Path
+import torch
+how, base = sys.argv[1], Path(sys.argv[2])
+touch = lambda t: int(t.reshape(-1).view(torch.uint8)[::4096].sum())
+t0 = time.perf_counter()
+if how == "safe_open":
+    from safetensors import safe_open
+    handles = [safe_open(str(f), "pt") for f in sorted(base.glob("*.safetensors"))]
+    n = sum(touch(h.get_tensor(k)) for h in handles for k in h.keys())
+else:
+    from starmerge.io.checkpoint import TensorIndex
+    idx = TensorIndex.open(base)
+    n = sum(touch(idx.get(k)) for k in idx.keys())
+print(time.perf_counter() - t0, n)
+"""
+
+
+def read_comparison(base: Path, rounds: int = 2) -> dict:
+    """Reading every tensor of ``base`` through safe_open's map and with positioned reads.
+
+    Child processes, alternated (pread first: the page cache is warm for both after the first
+    round); per way the fastest round's read seconds and its peak RSS (``ru_maxrss``).
+    """
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for how in ("pread", "safe_open"):
+            child = C.run_child([sys.executable, "-c", READ_CHILD, how, str(base)], poll_s=POLL_S)
+            if child.returncode:
+                return {"error": child.stderr[-500:]}
+            read_s = float(child.stdout.split()[0])
+            row = {"read_s": read_s, "ru_maxrss_bytes": child.ru_maxrss_bytes,
+                   "peak_rss_file_bytes": child.peak_rss_file_bytes}
+            if how not in best or read_s < best[how]["read_s"]:
+                best[how] = row
+    best["speed_ratio"] = best["safe_open"]["read_s"] / best["pread"]["read_s"]
+    return best
+
+
 def run(quick: bool, methods: list[str]) -> dict:
     mode = "quick" if quick else "full"
     size = M.SIZES[mode]
@@ -140,10 +195,11 @@ def run(quick: bool, methods: list[str]) -> dict:
             row["speedup"] = theirs["wall_s"] / ours["wall_s"]
             row["memory_fraction"] = ours["ru_maxrss_bytes"] / max(1, theirs["ru_maxrss_bytes"])
             if method == "ties":
-                row["parity"] = compare_outputs(ours_out, theirs_out)
+                row["parity"] = compare_in_child(ours_out, theirs_out)
         res["methods"][method] = row
         for d in (ours_out, theirs_out, work / "mk_lora_cache"):
             shutil.rmtree(d, ignore_errors=True)
+    res["read_base"] = read_comparison(inputs["base"])
     res["machine"]["loadavg_at_end"] = C.load_average()
     return res
 
@@ -167,6 +223,13 @@ def summary_lines(res: dict) -> list[str]:
             f"{row['speedup']:.1f}x faster, {row['memory_fraction']:.3f} of its memory"
             + (f", max rel diff {parity:.1e}" if parity is not None else "")
             + f" [{'PASS' if ok else 'FAIL'}]")
+    read = res.get("read_base", {})
+    if "speed_ratio" in read:
+        lines.append(
+            f"read base: pread {read['pread']['read_s']:.2f} s, "
+            f"{C.mib(read['pread']['ru_maxrss_bytes'])} peak | safe_open "
+            f"{read['safe_open']['read_s']:.2f} s, {C.mib(read['safe_open']['ru_maxrss_bytes'])}"
+            f" peak | safe_open/pread time {read['speed_ratio']:.2f}")
     return lines
 
 
@@ -174,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)  # compare_in_child
     args = p.parse_args(argv)
+    if args.compare:
+        print(json.dumps(compare_outputs(*args.compare)))
+        return 0
     res = run(args.quick, [m for m in args.methods.split(",") if m])
     path = C.write_result("mergekit_quick" if args.quick else "mergekit", res)
     print("\n".join(summary_lines(res)))

@@ -1,7 +1,9 @@
 """A read-only lazy index over the tensors of one checkpoint.
 
-``TensorIndex.open(path)`` reads only the safetensors headers (``safe_open``); ``get`` reads one
-tensor when asked. The open file handles are kept, so repeated ``get`` calls are cheap. Layouts:
+``TensorIndex.open(path)`` reads only the safetensors headers; ``get`` reads one tensor when
+asked, with positioned reads into a new buffer (:mod:`starmerge.io.safetensors_reader`), not
+through a memory map: the file's pages stay in the page cache and out of the process's resident
+memory. The open files are kept, so repeated ``get`` calls are cheap. Layouts:
 
 - a directory with ``model.safetensors.index.json`` and its shards, or ``model.safetensors``;
 - a directory with ``pytorch_model.bin.index.json`` and its shards, or ``pytorch_model.bin``;
@@ -15,31 +17,13 @@ zip archive is memory-mapped, but its whole pickle is read at open, so prefer sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from starmerge.errors import InputError
+from starmerge.io.safetensors_reader import DTYPES, CorruptFile, SafetensorsFile
 from starmerge.io.shard_index import check_weight_map, shard_files
-
-# safetensors dtype tags -> torch dtypes (F8 types only where this torch has them).
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _tag, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _name):
-        _DTYPES[_tag] = getattr(torch, _name)
 
 _DIR_LAYOUTS = (
     "model.safetensors.index.json",
@@ -68,13 +52,13 @@ class TensorIndex:
         path: Path,
         files: list[Path],
         meta: dict[str, _Meta],
-        handles: dict[Path, Any],
+        handles: dict[Path, SafetensorsFile],
         loaded: dict[str, Tensor],
     ):
         self.path = path
         self._files = files
         self._meta = meta  # key -> (shape, dtype, file)
-        self._handles = handles  # safetensors file -> open safe_open handle
+        self._handles = handles  # safetensors file -> its open reader
         self._loaded = loaded  # key -> tensor, for pickled checkpoints (read at open)
 
     @classmethod
@@ -94,14 +78,13 @@ class TensorIndex:
         path = Path(path)
         files, index = _weight_files(path)
         meta: dict[str, _Meta] = {}
-        handles: dict[Path, Any] = {}
+        handles: dict[Path, SafetensorsFile] = {}
         loaded: dict[str, Tensor] = {}
         for file in files:
             if file.suffix == ".safetensors":
                 handles[file] = _open_safetensors(file)
-                for key in handles[file].keys():
-                    sl = handles[file].get_slice(key)
-                    meta[key] = (tuple(sl.get_shape()), _dtype(sl.get_dtype(), key, file), file)
+                for key, entry in handles[file].entries.items():
+                    meta[key] = (entry.shape, _dtype(entry.dtype, key, file), file)
             else:
                 for key, tensor in _load_pickle(file).items():
                     meta[key] = (tuple(tensor.shape), tensor.dtype, file)
@@ -152,15 +135,17 @@ class TensorIndex:
         if key in self._loaded:
             return self._loaded[key]
         try:
-            return self._handles[file].get_tensor(key)
-        except SafetensorError as e:
+            return self._handles[file].read(key)
+        except (CorruptFile, OSError) as e:
             raise InputError(
                 f"cannot read tensor '{key}' from {file}: the file is truncated or corrupt "
                 f"({e}); {_FIX}"
             ) from None
 
     def close(self) -> None:
-        """Drop the open file handles and loaded tensors."""
+        """Close the open files and drop the loaded tensors."""
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
         self._loaded.clear()
 
@@ -206,22 +191,31 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
     )
 
 
-def _open_safetensors(file: Path) -> Any:
+def safe_open(file: Path) -> SafetensorsFile:
+    """Open a safetensors file for positioned reads: every weight file is opened here.
+
+    Named after the ``safetensors`` function it replaced (a memory map), so that one hook sees
+    every open (the path checks' tests assert that nothing outside a model is opened).
+    """
+    return SafetensorsFile(file)
+
+
+def _open_safetensors(file: Path) -> SafetensorsFile:
     try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
+        return safe_open(file)
+    except (CorruptFile, OSError) as e:
         raise InputError(
             f"cannot read {file}: the safetensors file is truncated or corrupt ({e}); {_FIX}"
         ) from None
 
 
 def _dtype(tag: str, key: str, file: Path) -> torch.dtype:
-    if tag not in _DTYPES:
+    if tag not in DTYPES:
         raise InputError(
             f"tensor '{key}' in {file} has dtype {tag}, which starmerge cannot read; re-save the "
-            f"checkpoint in one of {', '.join(_DTYPES)}"
+            f"checkpoint in one of {', '.join(DTYPES)}"
         )
-    return _DTYPES[tag]
+    return DTYPES[tag]
 
 
 def _load_pickle(file: Path) -> dict[str, Tensor]:

@@ -34,6 +34,7 @@ from starmerge.methods.base import Merged, Param, in_range, register_method
 from starmerge.methods.generalized_ta import gta_memory, gta_params, merge_gta, number_list
 from starmerge.tensors.delta import Delta
 from starmerge.tensors.sparsify import outlier_trim
+from starmerge.tensors.vote import Scratch
 
 _PAPER = "https://arxiv.org/abs/2312.06795"
 _GAMMA = {
@@ -42,7 +43,9 @@ _GAMMA = {
 }
 
 
-def breadcrumbs_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any]) -> Tensor:
+def breadcrumbs_sparsify(
+    tau: Tensor, delta: Delta, own: Mapping[str, Any], scratch: Scratch
+) -> Tensor:
     """Breadcrumbs' mask of one task: drop the gamma largest, then the smallest entries."""
     return outlier_trim(tau, own["density"], own["gamma"])
 

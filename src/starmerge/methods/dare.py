@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from starmerge.methods.base import Merged, register_method
@@ -39,17 +40,25 @@ from starmerge.methods.generalized_ta import (
     task_uniform,
 )
 from starmerge.tensors.delta import Delta
-from starmerge.tensors.sparsify import random_keep
+from starmerge.tensors.vote import Scratch
 
 _PAPER = "https://arxiv.org/abs/2311.03099"
 
 
-def dare_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any]) -> Tensor:
-    """DARE's random drop of one task: keep each entry with probability ``own["density"]``."""
+def dare_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any], scratch: Scratch) -> Tensor:
+    """DARE's random drop of one task: keep each entry with probability ``own["density"]``.
+
+    :func:`~starmerge.tensors.sparsify.random_keep` (``tau * (u < density)``) with the flags
+    and the result in ``scratch`` buffers (``flag_b``, ``kept``): the same numbers.
+    """
     density = own["density"]
     if density >= 1:
         return tau
-    return random_keep(tau, density, task_uniform(delta, own["seed"]))
+    keep = torch.lt(
+        task_uniform(delta, own["seed"]), density, out=scratch.get("flag_b", torch.bool)
+    )
+    mask = scratch.get("kept").copy_(keep)  # a float mask: torch's fast path (bool * float is not)
+    return torch.mul(tau, mask, out=mask)
 
 
 @register_method(
@@ -57,7 +66,7 @@ def dare_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any]) -> Tensor:
     params=gta_params(normalize=False, rescale=True, extra=seed_param()),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
-    memory=gta_memory(consensus=False, sparsify=2),
+    memory=gta_memory(consensus=False, sparsify=2.25),
 )
 def dare_linear(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DARE: drop each task's entries at random, rescale, weighted sum (mergekit dare_linear).
@@ -83,7 +92,7 @@ def dare_linear(deltas: Sequence[Delta], **params: Any) -> Merged:
     params=gta_params(normalize=False, rescale=True, extra=seed_param()),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
-    memory=gta_memory(consensus=True, sparsify=2),
+    memory=gta_memory(consensus=True, sparsify=2.25),
 )
 def dare_ties(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DARE-TIES: random drop and rescale, then TIES' sign consensus (mergekit dare_ties).

@@ -48,6 +48,7 @@ from starmerge.methods.generalized_ta import (
 )
 from starmerge.tensors.delta import Delta
 from starmerge.tensors.sparsify import della_keep_probs, random_keep
+from starmerge.tensors.vote import Scratch
 
 _PAPER = "https://arxiv.org/abs/2406.11617"
 _EPSILON = {
@@ -61,7 +62,7 @@ _EPSILON = {
 }
 
 
-def della_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any]) -> Tensor:
+def della_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any], scratch: Scratch) -> Tensor:
     """MagPrune of one task: keep each entry with its rank's probability p_r."""
     density = own["density"]
     if density >= 1:

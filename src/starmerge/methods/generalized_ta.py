@@ -46,15 +46,17 @@ from starmerge.errors import ConfigError
 from starmerge.methods.base import MAX_FACTOR, Merged, Param, factor_range, in_range
 from starmerge.methods.footprint import Footprint, MemoryCase, MemoryModel
 from starmerge.tensors.delta import Delta, Dense, LowRank
-from starmerge.tensors.sparsify import l1_rescaled
+from starmerge.tensors.sparsify import l1_rescale_
+from starmerge.tensors.threads import one_thread
+from starmerge.tensors.vote import Scratch, SignVote, dense_into
 
 # The scalar parameters that mergekit lets each model set, and their per-model list names.
 PER_MODEL = {"weight": "weights", "density": "densities", "gamma": "gammas", "epsilon": "epsilons"}
 LAMBDA = "lambda"  # mergekit's name (a Python keyword, so the kernels take **params)
 _DIVISOR_EPS = 1e-8  # mergekit: a summed weight below this is replaced by 1
 
-# sparsify(tau_t (float32), the task's delta as given, this task's values) -> s_t
-Sparsifier = Callable[[Tensor, Delta, Mapping[str, Any]], Tensor]
+# sparsify(tau_t (float32), the task's delta as given, this task's values, buffers) -> s_t
+Sparsifier = Callable[[Tensor, Delta, Mapping[str, Any], Scratch], Tensor]
 
 
 def number_list(lo: float, hi: float) -> Callable[[Any], str | None]:
@@ -154,75 +156,30 @@ def task_uniform(delta: Delta, seed: int) -> Tensor:
         parts = [delta.tensor]
     for part in parts:
         data = part.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-        digest.update(data.numpy().tobytes())
+        digest.update(data.numpy())  # the buffer itself: no bytes copy
     gen = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
     return torch.rand(delta.shape, generator=gen, dtype=torch.float32).to(delta.device)
-
-
-def combine(
-    sparse: Sequence[Tensor],
-    weights: Sequence[float],
-    *,
-    consensus: bool,
-    normalize: bool,
-    lam: float,
-) -> Tensor:
-    """Weighted sum of the sparsified task deltas, with optional sign consensus and normalising.
-
-    Args:
-        sparse: The T sparsified task deltas s_t (float32, one shape).
-        weights: The T weights w_t.
-        consensus: Keep only the entries whose sign agrees with the weighted sum's (TIES' "sum"
-            election; a zero sum elects +1, as mergekit).
-        normalize: Divide by the summed weights (of the agreeing entries with ``consensus``).
-        lam: Multiplies the result (mergekit's ``lambda``).
-
-    Returns:
-        The merged delta (float32).
-
-    Example:
-        >>> combine([torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])], [1.0, 1.0],
-        ...         consensus=True, normalize=True, lam=1.0)
-        tensor([ 2., -2.])
-    """
-    total = torch.zeros_like(sparse[0])
-    for s, w in zip(sparse, weights, strict=True):
-        total += s * w
-    if not consensus:
-        divisor: Tensor | float = sum(weights)
-        if abs(divisor) < _DIVISOR_EPS:
-            divisor = 1.0
-        mixed = total
-    else:
-        majority = torch.where(total >= 0, 1.0, -1.0)  # Elect Sign
-        mixed = torch.zeros_like(total)
-        divisor = torch.zeros_like(total)
-        for s, w in zip(sparse, weights, strict=True):  # Disjoint Merge
-            weighted = s * w
-            agree = torch.sign(weighted) == majority
-            mixed += weighted * agree
-            divisor += w * agree
-        divisor[divisor == 0] = 1.0
-    if normalize:
-        mixed = mixed / divisor
-    return mixed * lam if lam != 1 else mixed
 
 
 def gta_memory(*, consensus: bool, sparsify: float) -> MemoryModel:
     """The footprint of :func:`merge_gta` (``Method.memory``) for a method's sparsifier.
 
-    The T sparsified tasks when some density is below 1 (LoRA inputs are densified then, or
-    always when kept whole), the sparsifier's temporaries (``sparsify`` copies: DARE's draws and
-    mask 2, the argsorts of Breadcrumbs and DELLA 5) or the combine step's: the total and one
-    weighted task (2), with sign consensus also the majority, mixed, divisor and agree mask.
+    Tasks stream through one buffer each: a LoRA task's densified copy (1), the sparsifier's
+    temporaries and result when some density is below 1 (``sparsify`` copies: DARE's draws
+    and mask 2, the argsorts of Breadcrumbs and DELLA 5), the weighted copy when a
+    weight is not 1 (1), a temporary for the rescale or the vote (1), a flag (0.25); then the
+    sum (1), or with sign consensus the vote's sum, positive and negative parts (3) and its
+    counts (0.5 as uint8 for unit weights, else 2).
     """
 
     def memory(case: MemoryCase) -> Footprint:
         values = [case.params.get("density", 1.0), *(case.params.get("densities") or [])]
         sparse = any(not isinstance(v, Real) or v < 1 for v in values)
-        held = case.n_tasks if sparse or case.lowrank else 0
-        work = max(7.25 if consensus else 2.0, sparsify if sparse else 0.0)
-        return Footprint(case.copies(held + work + (1 if sparse and case.lowrank else 0)))
+        weighted = any(w != 1 for w in case.params.get("weights") or [])
+        work = (1 if case.lowrank else 0) + (sparsify if sparse else 0) + (1 if weighted else 0)
+        work += 1.25 if consensus or case.params.get("rescale") else 0.25
+        sums = 3 + (2 if weighted else 0.5) if consensus else 1
+        return Footprint(case.copies(work + sums))
 
     return memory
 
@@ -235,15 +192,22 @@ def merge_gta(
     *,
     consensus: bool,
 ) -> Merged:
-    """Sparsify each task, then :func:`combine`: one generalized-task-arithmetic merge.
+    """Sparsify each task and add it to the weighted sum or the sign vote, one task at a time.
+
+    The T sparsified tasks are never held together: each goes into the running sum (or the
+    :class:`~starmerge.tensors.vote.SignVote`, mergekit's consensus: a zero sum elects +1),
+    which gives the same numbers as summing them afterwards.
 
     Args:
         method: The registry name (for messages).
         deltas: One delta per task for this parameter.
         params: The resolved kernel parameters (``weights``, ``normalize``, ``rescale``,
             ``lambda``, the per-model values, ``seed``).
-        sparsify: ``sparsify(tau_t, delta_t, values_t) -> s_t``, where ``values_t`` holds this
-            task's ``density``/``gamma``/``epsilon`` and ``seed``; None keeps every entry.
+        sparsify: ``sparsify(tau_t, delta_t, values_t, scratch) -> s_t``, where ``values_t``
+            holds this task's ``density``/``gamma``/``epsilon`` and ``seed``; ``s_t`` is
+            ``tau_t`` itself (kept whole), a new tensor, or a ``scratch`` buffer other than
+            ``tau``, ``weighted``, ``tmp``, ``total``, ``flag_a`` and the vote's; None keeps
+            every entry.
         consensus: Sign consensus (the ``_ties`` variants, DELLA).
 
     Returns:
@@ -254,23 +218,45 @@ def merge_gta(
     weights = per_model(method, params, "weight", n_tasks)
     names = [name for name in ("density", "gamma", "epsilon") if name in params]
     values = {name: per_model(method, params, name, n_tasks) for name in names}
-    sparse, kept = [], 0
-    for t, delta in enumerate(deltas):
-        tau = delta.to_dense(torch.float32)
-        own = {name: values[name][t] for name in names} | {"seed": params.get("seed", 0)}
-        s = tau if sparsify is None else sparsify(tau, delta, own)
-        if params.get("rescale") and s is not tau:
-            s = l1_rescaled(tau, s)
-        kept += int(torch.count_nonzero(s))
-        sparse.append(s)
-    merged = combine(
-        sparse,
-        weights,
-        consensus=consensus,
-        normalize=bool(params["normalize"]),
-        lam=float(params[LAMBDA]),
-    )
-    stats: dict[str, Any] = {"kept": kept, "total": n_tasks * sparse[0].numel()}
+    scratch = Scratch(deltas[0].shape, deltas[0].device)
+    vote = SignVote(scratch, weights) if consensus else None
+    total = None if consensus else scratch.get("total").zero_()
+    kept = 0
+    with one_thread():  # elementwise, memory-bound work: a second thread only waits (vote.py)
+        for t, delta in enumerate(deltas):
+            tau = dense_into(delta, scratch.get("tau"))  # (...) float32
+            own = {name: values[name][t] for name in names} | {"seed": params.get("seed", 0)}
+            s = tau if sparsify is None else sparsify(tau, delta, own, scratch)
+            if params.get("rescale") and s is not tau:
+                s = l1_rescale_(tau, s, scratch.get("tmp"))
+            w = weights[t]
+            p = s if w == 1.0 else torch.mul(s, w, out=scratch.get("weighted"))
+            nonzero = None if vote is None else vote.add(p, w)
+            kept += nonzero if nonzero is not None and p is s else _count_nonzero(s, scratch)
+            if total is not None:
+                total += p
+        merged = _finish(vote, total, weights, params)
+    stats: dict[str, Any] = {"kept": kept, "total": n_tasks * merged.numel()}
     if "seed" in params:
         stats["seed"] = params["seed"]
     return Merged(Dense(merged.to(deltas[0].dtype)), stats)
+
+
+def _finish(
+    vote: SignVote | None, total: Tensor | None, weights: list[float], params: Mapping[str, Any]
+) -> Tensor:
+    """The vote's disjoint merge (a zero sum elects +1) or the weighted sum; normalised, lambda."""
+    normalize, lam = bool(params["normalize"]), float(params[LAMBDA])
+    if vote is not None:
+        merged = vote.merge(zero="positive", normalize=normalize)
+    else:
+        assert total is not None  # the sum is kept exactly when there is no vote
+        merged, divisor = total, sum(weights)
+        if normalize:
+            merged.div_(1.0 if abs(divisor) < _DIVISOR_EPS else divisor)
+    return merged.mul_(lam) if lam != 1 else merged
+
+
+def _count_nonzero(x: Tensor, scratch: Scratch) -> int:
+    """Nonzero entries of ``x``, counted on a boolean flag (fast; a float count is not)."""
+    return int(torch.count_nonzero(torch.ne(x, 0, out=scratch.get("flag_a", torch.bool))))

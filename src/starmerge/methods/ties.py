@@ -20,7 +20,9 @@ Symbols <-> arguments: density = k / 100 (the paper's and the seed code's top-k 
 N_t: ``trim="global"`` counts every entry task t has over the whole merge (an adapter: its adapted
 matrices; a task lacking a parameter does not count it), found exactly by a two-pass streaming
 radix select (:mod:`starmerge.tensors.sparsify`); ``trim="local"`` counts per parameter (the
-threshold from ``kthvalue`` on that tensor, the same exact value; the fit pass then does nothing).
+exact threshold of that tensor by :func:`~starmerge.tensors.select.kth_largest`; no fit pass).
+The tasks stream through one buffer each: trimmed once, then added to a one-pass sign vote
+(:mod:`starmerge.tensors.vote`) whose result equals the two-pass rule bit for bit.
 
 Deviations from the reference code (IBM/STAR ``merger/TIES.py``):
 - the global threshold is exact but streamed (two histogram passes, O(65,536) counters per task)
@@ -64,13 +66,10 @@ from starmerge.methods.base import (
 from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.generalized_ta import number_list, per_model
 from starmerge.tensors.delta import Delta, Dense
-from starmerge.tensors.sparsify import (
-    RadixSelect,
-    keep_count,
-    kth_largest_abs_local,
-    l1_rescaled,
-    magnitude_trim,
-)
+from starmerge.tensors.select import kth_largest
+from starmerge.tensors.sparsify import RadixSelect, keep_count, l1_rescaled
+from starmerge.tensors.threads import one_thread
+from starmerge.tensors.vote import Scratch, SignVote, dense_into, trim_into
 
 
 @dataclass(frozen=True)
@@ -165,57 +164,29 @@ def _fit_ties(n_tasks: int, **params: Any) -> TiesFitter:
     return TiesFitter(n_tasks, **params)
 
 
-def _trim(tau: Tensor, threshold: float | None, rescale: bool) -> Tensor:
-    trimmed = magnitude_trim(tau, threshold)
-    return l1_rescaled(tau, trimmed) if rescale else trimmed
-
-
-def disjoint_mean(
-    taus: Sequence[Tensor],
-    thresholds: Sequence[float | None],
-    weights: Sequence[float] | None = None,
-    *,
-    normalize: bool = True,
-    rescale: bool = False,
-) -> tuple[Tensor, int]:
-    """Trim, elect sign and average the agreeing entries; 0 where none agree.
-
-    Works task by task (each task trimmed twice rather than all T trimmed copies held), so the
-    temporaries beyond the inputs are about three tensors of one parameter's size.
-
-    Args:
-        taus: The T task deltas (float32).
-        thresholds: Per task, the smallest kept ``|entry|`` (None keeps nothing).
-        weights: Per task w_t (None: all 1), applied before the election.
-        normalize: Divide by the summed weights of the agreeing entries (else their sum).
-        rescale: Rescale each trimmed task to its L1 norm before weighting.
-
-    Returns:
-        The merged tensor and the number of entries kept over all tasks.
-    """
-    ws = [1.0] * len(taus) if weights is None else list(weights)
-    triples = list(zip(taus, thresholds, ws, strict=True))
-    total = torch.zeros_like(taus[0])
-    for tau, thr, w in triples:
-        total += _trim(tau, thr, rescale).mul_(w)
-    gamma = torch.sign(total)  # Elect Sign
-    total.zero_()
-    count = torch.zeros_like(total)
-    kept = 0
-    for tau, thr, w in triples:  # Disjoint Merge: sum and weight of entries agreeing with gamma
-        trimmed = _trim(tau, thr, rescale).mul_(w)
-        kept += int(torch.count_nonzero(trimmed))
-        agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)
-        total += trimmed.mul_(agree)
-        count += agree * w
-    if not normalize:
-        return total, kept
-    return total.div_(count.masked_fill_(count == 0, 1.0)), kept
+def _local_threshold(tau: Tensor, density: float, scratch: Scratch) -> float | None:
+    """The ``floor(density * numel)``-th largest ``|entry|`` of ``tau`` (None: keep nothing)."""
+    keep = min(keep_count(density, tau.numel()), tau.numel())
+    if keep <= 0:
+        return None
+    magnitudes = torch.abs(tau, out=scratch.get("trimmed")).reshape(-1)
+    flags = (
+        scratch.get("flag_a", torch.bool).reshape(-1),
+        scratch.get("flag_b", torch.bool).reshape(-1),
+    )
+    return kth_largest(magnitudes, keep, flags)
 
 
 def _memory(case: MemoryCase) -> Footprint:
-    """Kernel: total, sign, count, a trimmed task, its sign and masks; fit: |x|, its bits."""
-    return Footprint(case.copies(6.5), case.copies(2.5) + case.n_tasks * 2**19)
+    """Bytes beyond the T dense inputs: the kernel's buffers and the fit step's.
+
+    Kernel: a trimmed task, the vote's total, pos, neg and temporary (5 float32), two flags and
+    two uint8 counts (1), selection candidates (0.25); float counts for weights other than 1
+    (+1.5); the L1 rescale's copies (+3). Fit: |x|, its bits.
+    """
+    weights = case.params.get("weights") or []
+    extra = (1.5 if any(w != 1 for w in weights) else 0) + (3 if case.params.get("rescale") else 0)
+    return Footprint(case.copies(6.25 + extra), case.copies(2.5) + case.n_tasks * 2**19)
 
 
 @register_method(
@@ -281,17 +252,26 @@ def ties(
         tensor([ 3., -2.])
     """
     out_dtype = deltas[0].dtype
-    taus = [d.to_dense(torch.float32) for d in deltas]  # T x (...)
-    n_tasks = len(taus)
+    n_tasks = len(deltas)
     ws = per_model("ties", {"weights": weights}, "weight", n_tasks)
-    if trim == "local" or state is None or state.thresholds is None:
-        ds = per_model("ties", {"density": density, "densities": densities}, "density", n_tasks)
-        thresholds = [
-            kth_largest_abs_local(t, keep_count(d, t.numel()))
-            for t, d in zip(taus, ds, strict=True)
-        ]
-    else:
-        thresholds = list(state.thresholds)
-    merged, kept = disjoint_mean(taus, thresholds, ws, normalize=normalize, rescale=rescale)
-    stats = {"kept": kept, "total": len(taus) * taus[0].numel()}
-    return Merged(Dense(merged.mul_(scaling).to(out_dtype)), stats)
+    local = trim == "local" or state is None or state.thresholds is None
+    given = {"density": density, "densities": densities}
+    ds = per_model("ties", given, "density", n_tasks) if local else []
+    scratch = Scratch(deltas[0].shape, deltas[0].device)
+    vote = SignVote(scratch, ws)
+    kept = 0
+    with one_thread():  # elementwise, memory-bound work: a second thread only waits (vote.py)
+        for t, delta in enumerate(deltas):  # one task at a time: no T trimmed copies held
+            tau = dense_into(delta, scratch.get("tau"))  # (...) float32
+            thr = _local_threshold(tau, ds[t], scratch) if local else state.thresholds[t]
+            trimmed = trim_into(tau, thr, scratch.get("trimmed"))  # Trim
+            if rescale:
+                trimmed = l1_rescaled(tau, trimmed)
+            if ws[t] != 1.0:
+                trimmed.mul_(ws[t])
+            kept += vote.add(trimmed, ws[t])  # Elect Sign and Disjoint Merge, accumulated
+        merged = vote.merge(zero="zero", normalize=normalize)
+        if scaling != 1.0:
+            merged.mul_(scaling)
+    stats = {"kept": kept, "total": n_tasks * tau.numel()}
+    return Merged(Dense(merged.to(out_dtype)), stats)

@@ -21,6 +21,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from starmerge.tensors.select import kth_largest
+
 _HIGH = 1 << 15  # high-16-bit buckets of a non-negative float32 (sign bit 0)
 _LOW = 1 << 16
 
@@ -142,10 +144,11 @@ def kth_largest_abs(tensors: Iterable[Tensor], keep: int) -> float | None:
 
 
 def kth_largest_abs_local(x: Tensor, keep: int) -> float | None:
-    """The ``keep``-th largest ``|x|`` of one tensor held in memory (``kthvalue``, O(n)).
+    """The ``keep``-th largest ``|x|`` of one tensor held in memory (None when ``keep <= 0``).
 
-    Same value as :func:`kth_largest_abs` on ``[x]``, without the histogram overhead that
-    dominates for small tensors.
+    Same value as :func:`kth_largest_abs` on ``[x]``, found by
+    :func:`starmerge.tensors.select.kth_largest` (a sampled bracket, then a selection among
+    the few entries inside it).
 
     Example:
         >>> kth_largest_abs_local(torch.tensor([1.0, -4.0, 2.0]), 2)
@@ -154,8 +157,7 @@ def kth_largest_abs_local(x: Tensor, keep: int) -> float | None:
     keep = min(keep, x.numel())
     if keep <= 0:
         return None
-    flat = x.detach().to(torch.float32).abs().reshape(-1)
-    return float(torch.kthvalue(flat, flat.numel() - keep + 1).values)
+    return kth_largest(x.detach().to(torch.float32).abs().reshape(-1), keep)
 
 
 def magnitude_trim(x: Tensor, threshold: float | None) -> Tensor:
@@ -191,6 +193,18 @@ def l1_rescaled(x: Tensor, masked: Tensor) -> Tensor:
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return masked
     return masked * (before / after)
+
+
+def l1_rescale_(x: Tensor, masked: Tensor, tmp: Tensor) -> Tensor:
+    """:func:`l1_rescaled` in place on ``masked`` (a tensor the caller owns), ``tmp`` a buffer.
+
+    The same numbers: the norms are the same sums of the same ``|entries|``.
+    """
+    before = torch.abs(x, out=tmp).sum()
+    after = torch.abs(masked, out=tmp).sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked.mul_(before / after)
 
 
 def random_keep(x: Tensor, keep_prob: float | Tensor, u: Tensor) -> Tensor:
