@@ -114,7 +114,7 @@ class StreamingShardWriter:
         if shard != self._shard:
             self._open(shard)
         data = tensor.detach().to("cpu", plan.dtype).contiguous().reshape(-1)
-        self._guarded(lambda: self._file.write(data.view(torch.uint8).numpy().tobytes()))
+        self._guarded(lambda: self._file.write(memoryview(data.view(torch.uint8).numpy())))
         self._pos += 1
 
     def close(self) -> list[Path]:

@@ -100,7 +100,7 @@ class LowRank:
         compute = dtype or (self.b.dtype if self.b.dtype == torch.float64 else torch.float32)
         if self.rank == 0:
             return torch.zeros(self.shape, dtype=compute, device=self.b.device)
-        return (self.b.to(compute) @ self.a.to(compute)) * self.scale
+        return (self.b.to(compute) @ self.a.to(compute)).mul_(self.scale)
 
     def numel(self) -> int:
         """Number of entries of the (dense) parameter."""
