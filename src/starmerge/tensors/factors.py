@@ -8,6 +8,7 @@ import torch
 
 from starmerge.errors import InputError
 from starmerge.tensors.delta import Delta, Dense, LowRank
+from starmerge.tensors.threads import one_thread
 
 
 def concat_lowrank(deltas: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
@@ -43,16 +44,18 @@ def sq_frobenius(delta: Delta) -> float:
         return float((x * x).sum())
     if delta.rank == 0:
         return 0.0
-    b, a = delta.b.to(torch.float64), delta.a.to(torch.float64)
-    gram_b = b.T @ b  # (r, r)
-    gram_a = a @ a.T  # (r, r)
-    return float(delta.scale) ** 2 * float((gram_b * gram_a).sum())
+    with one_thread():  # tall-skinny float64 GEMMs: 2 threads are ~25x slower on a busy machine
+        b, a = delta.b.to(torch.float64), delta.a.to(torch.float64)
+        gram_b = b.T @ b  # (r, r)
+        gram_a = a @ a.T  # (r, r)
+        return float(delta.scale) ** 2 * float((gram_b * gram_a).sum())
 
 
 def truncated_svd(x: torch.Tensor, rank: int) -> tuple[LowRank, float]:
     """The best rank-``rank`` approximation of matrix ``x`` ``(m, n)``, and the energy it keeps.
 
     Energy: the kept fraction of ``sum(s^2)`` (1.0 for a zero matrix). Computed in float32.
+    The kept rows of ``V^T`` are copied, so the full SVD's buffers are freed on return.
 
     Example:
         >>> low, energy = truncated_svd(torch.diag(torch.tensor([3.0, 1.0])), 1)
@@ -63,7 +66,7 @@ def truncated_svd(x: torch.Tensor, rank: int) -> tuple[LowRank, float]:
     k = min(rank, s.numel())
     total = float((s**2).sum())
     energy = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
-    return LowRank(u[:, :k] * s[:k], vh[:k], 1.0), energy
+    return LowRank(u[:, :k] * s[:k], vh[:k].clone(), 1.0), energy  # (m, k), (k, n)
 
 
 def as_lowrank(key: str, delta: Delta, rank: int | None) -> tuple[LowRank, float | None]:
