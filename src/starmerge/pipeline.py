@@ -11,7 +11,7 @@ In a merge space (``space="core"`` or ``"knots"``, :mod:`starmerge.tensors.space
 parameter's LoRA deltas are projected onto a shared basis; the fitter and the kernel see each
 task's small coordinates as ``Dense`` deltas (a task that lacks the parameter still as None for
 the fitter), and the merged coordinates are lifted back to an exact ``LowRank`` of the
-parameter's shape. The basis is recomputed in every pass (O((m + n) R^2) per parameter).
+parameter's shape; each basis is computed once per run (:mod:`starmerge.space_cache`).
 
 For a separable method (the mean or sum of a per-task transform), ``transform_task`` and
 ``combine_tasks`` give the same merge from per-task parts that a caller may cache (sweeps).
@@ -32,7 +32,8 @@ from starmerge.io.statistics import open_statistics
 from starmerge.methods.base import Method
 from starmerge.methods.contract import STATISTICS, Merged, State
 from starmerge.settings import count_layers
-from starmerge.space_form import check_space, coordinates, to_space
+from starmerge.space_cache import SpaceCache, SpaceState, space_cache
+from starmerge.space_form import check_space
 from starmerge.tensors.delta import Delta, Dense, LowRank, densify, zeros_like_delta
 from starmerge.tensors.factors import concat_lowrank
 from starmerge.tensors.finite import delta_finite
@@ -122,17 +123,18 @@ def fit_state(
     if not getattr(fitter, "needs_deltas", True):  # e.g. TIES with trim local: nothing to fit
         fitter.end_pass()
         return fitter.state()
-    n_pass = 0
+    n_pass, cache = 0, space_cache(None, space)
     while True:
         n_pass += 1
         bar = tqdm(shapes, desc=f"fit pass {n_pass}", disable=not progress, unit="param")
         for key in bar:
-            projection, deltas = _method_inputs(method, key, read(key), space, device)
+            projection, deltas = _method_inputs(method, key, read, device, cache)
             if projection is not None and projection.empty:
                 continue  # every task is zero here: no coordinate to see
-            fitter.observe(key, deltas, **_base_args(method, base, key, device))
+            with one_thread(projection is not None):  # coordinates: small factor work
+                fitter.observe(key, deltas, **_base_args(method, base, key, device))
         if not fitter.end_pass():
-            return fitter.state()
+            return fitter.state() if cache is None else SpaceState(fitter.state(), cache)
 
 
 def _base_args(
@@ -142,12 +144,8 @@ def _base_args(
     if not method.needs_base:
         return {}
     if base is None:
-        raise ConfigError(
-            [
-                f"{method.name} needs the base model's weights, not only task deltas; give the "
-                "base model (config: base_model; merge_deltas: base=)"
-            ]
-        )
+        why = f"{method.name} needs the base model's weights, not only task deltas; give the "
+        raise ConfigError([why + "base model (config: base_model; merge_deltas: base=)"])
     return {"base": base(key).to(device)}
 
 
@@ -176,25 +174,24 @@ def merge_params(
     """
     check_space(method, space)
     n_layers = count_layers(shapes) if n_layers is None else n_layers
+    cache = space_cache(state, space)  # the fit passes' bases, handed over key by key
     for key in keys if keys is not None else shapes:
-        projection, deltas = _method_inputs(method, key, read(key), space, device)
+        projection, deltas = _method_inputs(method, key, read, device, cache, False)
         if projection is not None and projection.empty:  # all zero: the merge is zero
             zero = zeros_like_delta(projection.shape, True, projection.coords[0].dtype)
             yield key, Merged(zero, {"core_shape": list(projection.core_shape)})
             continue
         shape = shapes[key] if projection is None else projection.core_shape
         deltas = fill_missing(deltas, shape, device)
-        kwargs = {
-            **method.params_at(params, key, n_layers),
-            **_base_args(method, base, key, device),
-        }
+        kwargs = method.params_at(params, key, n_layers) | _base_args(method, base, key, device)
         if state is not None:
             kwargs["state"] = state.at(key)
-        with one_thread(all(isinstance(d, LowRank) for d in deltas)):  # small factor work
+        small = projection is not None or all(isinstance(d, LowRank) for d in deltas)
+        with one_thread(small):  # factor work and coordinates (tensors/threads.py)
             merged = method.fn(deltas, **kwargs)
-        if projection is not None:
-            stats = {**merged.stats, "core_shape": list(projection.core_shape)}
-            merged = Merged(projection.lift(merged.delta), stats)
+            if projection is not None:
+                stats = {**merged.stats, "core_shape": list(projection.core_shape)}
+                merged = Merged(projection.lift(merged.delta), stats)
         _check_finite(method, params, key, merged.delta)
         artifacts = {name: t.cpu() for name, t in merged.artifacts.items()}
         yield key, Merged(_to_device(merged.delta, "cpu"), merged.stats, artifacts)
@@ -203,16 +200,17 @@ def merge_params(
 def _method_inputs(
     method: Method,
     key: str,
-    deltas: Sequence[Delta | None],
-    space: str,
+    read: Reader,
     device: torch.device | str,
+    cache: SpaceCache | None,
+    keep: bool = True,
 ) -> tuple[Projection | None, list[Delta | None]]:
-    """What the fitter and kernel see of ``key``: the deltas (``full``) or their coordinates."""
-    if space == "full":
-        return None, to_method_form(deltas, method.accepts, device)
-    moved = [None if d is None else _to_device(d, device) for d in deltas]
-    projection = to_space(key, moved, space)
-    return projection, coordinates(projection, moved)  # type: ignore[return-value]
+    """What the fitter and kernel see of ``key``: deltas, or coordinates (``SpaceCache.inputs``)."""
+    if cache is None:  # space: full
+        return None, to_method_form(read(key), method.accepts, device)
+    return cache.inputs(
+        key, lambda: [None if d is None else _to_device(d, device) for d in read(key)], keep=keep
+    )
 
 
 def _check_finite(method: Method, params: Mapping[str, Any], key: str, delta: Delta) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from starmerge.errors import ConfigError, InputError, did_you_mean, short_repr
 from starmerge.methods.base import Method
 from starmerge.tensors.delta import Delta, Dense, LowRank
-from starmerge.tensors.spaces import SPACES, Projection, project
+from starmerge.tensors.spaces import SPACES, Projection, SpaceBasis, space_basis
 
 
 def space_problem(method: Method, space: Any) -> str | None:
@@ -53,8 +53,12 @@ def check_space(method: Method, space: Any) -> None:
         raise ConfigError([problem])
 
 
-def to_space(key: str, deltas: Sequence[Delta | None], space: str) -> Projection:
+def to_space(
+    key: str, deltas: Sequence[Delta | None], space: str, basis: SpaceBasis | None = None
+) -> Projection:
     """Project one parameter's task deltas (None: the task lacks it) into ``space``.
+
+    ``basis``: one computed before for these deltas (:meth:`SpaceBasis.fits`), else computed now.
 
     Raises:
         InputError: A task gives a dense delta (a full fine-tune) or a non-matrix parameter.
@@ -66,15 +70,18 @@ def to_space(key: str, deltas: Sequence[Delta | None], space: str) -> Projection
                 f"space: {space} merges LoRA deltas in a shared low-rank basis, but task {t}'s "
                 f"'{key}' (shape {d.shape}) is {what}; use space: full"
             )
-    return project(deltas, space)  # type: ignore[arg-type]
+    if basis is None:
+        basis = space_basis(deltas, space)  # type: ignore[arg-type]
+    return Projection(basis, tuple(deltas))  # type: ignore[arg-type]
 
 
-def coordinates(projection: Projection, deltas: Sequence[Delta | None]) -> list[Dense | None]:
+def coordinates(projection: Projection) -> list[Dense | None]:
     """Each task's coordinates as a ``Dense`` delta; None kept for a task without the parameter.
 
     Example:
         >>> x = LowRank(torch.ones(3, 1), torch.ones(1, 2))
-        >>> coordinates(project([x, None], "core"), [x, None])[1] is None  # doctest: +SKIP
+        >>> coordinates(to_space("w", [x, None], "core"))[1] is None  # doctest: +SKIP
         True
     """
-    return [None if d is None else Dense(c) for d, c in zip(deltas, projection.coords, strict=True)]
+    pairs = zip(projection.basis.tasks, projection.coords, strict=True)
+    return [None if t is None else Dense(c) for t, c in pairs]

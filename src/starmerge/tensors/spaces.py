@@ -24,6 +24,10 @@ weighted sum of deltas. Singular values at or below ``numerical_rtol(shape) * s_
 noise of the data's precision) are dropped, so no arbitrary null-space direction enters a
 basis. Cost: O((m + n) R^2) for either space (the coordinates of ``knots`` are rho x n per task).
 
+A :class:`SpaceBasis` holds R x R float64 matrices (4 R^2 numbers for core, 2 R^2 for knots;
+the tall bases are the stacked factors themselves when well conditioned): later passes reuse it,
+so the coordinates cost O(T p q) (core) or O(rho R n) (knots), not O((m + n) R^2), again.
+
 Deviations from the reference code (``apanariello4/core-space-merging`` ``task_merger.py``,
 ``MatrixPerLayerMerger``; ``gstoica27/KnOTS`` ``task_merger.py``): both bases are cut at the
 numerical rank (Core Space keeps all T r directions; KnOTS the singular values above an absolute
@@ -43,58 +47,58 @@ import torch
 from torch import Tensor
 
 from starmerge.tensors.delta import Delta, LowRank
+from starmerge.tensors.space_basis import (
+    Side,
+    b_times,
+    core_basis,
+    core_coordinates,
+    knots_basis,
+    knots_coordinates,
+    singular_basis,
+    stack_a,
+    times_a,
+)
 from starmerge.tensors.spectral import numerical_rtol
+
+__all__ = ["SPACES", "Projection", "SpaceBasis", "project", "singular_basis", "space_basis"]
 
 SPACES: tuple[str, ...] = ("full", "core", "knots")  # "full": the deltas as they are
 _F64 = torch.float64
-# The Gram route only when x^T x has all eigenvalues within this factor of the largest (cond(x)
-# <= 1e3): U's orthonormality error is then about eps64 * cond^2 = 2e-10 (as orthonormal_factor).
-_GRAM_MIN_EIG_RATIO = 1e-6
 
 
 @dataclass(frozen=True)
-class Projection:
-    """One parameter's task deltas as coordinates in a shared basis: ``D_t = L C_t R``.
+class SpaceBasis:
+    """One parameter's merge-space basis; with the deltas it gives ``D_t = L C_t R``.
 
     Args:
         space: ``core`` or ``knots``.
         shape: The parameter's shape ``(m, n)``.
-        coords: Per task its ``(p, q)`` coordinates ``C_t`` (zeros for a task without the
-            module), float32 (float64 when an input is float64).
-        left_factors: ``(base, small)`` with ``L = base @ small`` ``(m, p)``, float64:
-            ``U_B`` (core) or ``U S`` (knots). The tall product is formed only when ``left``
-            is read (the lift), not in the fit passes, which need only the coordinates.
-        right_factors: ``(base, small)`` with ``R = (base @ small)^T`` ``(q, n)``, float64
-            ``V_A^T`` (core), or None (knots: the identity, q = n).
+        data: The coordinates' dtype: float32 (float64 when an input is float64).
+        tasks: Per task ``(rank, scale)`` of its delta, or None (lacks it): see :meth:`fits`.
+        left: ``L = base @ small`` ``(m, p)`` float64: ``U_B`` (core) or ``U S`` (knots); base
+            None stands for the stacked ``[s_1 B_1 .. s_T B_T]`` (tasks of rank > 0).
+        coef: ``(p, R)`` float64: ``U_B^T [s_1 B_1 ..]`` (core) or ``S^-1 U^T [s_1 B_1 ..]``.
+        right: ``R = (base @ small)^T`` ``(q, n)``, base None for the stacked ``[A_1; ..]^T``
+            (core: ``V_A^T``); None for knots (the identity, q = n).
+        a_coef: ``(q, R)`` float64 ``V_A^T [A_1; ..]^T`` (core); None for knots.
+        a_output: ``[A_1; ..]`` can be a lifted delta's A factor (core, see :meth:`lift`).
     """
 
     space: str
     shape: tuple[int, int]
-    coords: tuple[Tensor, ...]
-    left_factors: tuple[Tensor, Tensor]
-    right_factors: tuple[Tensor, Tensor] | None
-
-    @cached_property
-    def left(self) -> Tensor:
-        """``(m, p)`` float64: ``U_B`` (core) or ``U S`` (knots), formed on first use."""
-        base, small = self.left_factors
-        return base @ small
-
-    @cached_property
-    def right(self) -> Tensor | None:
-        """``(q, n)`` float64 ``V_A^T`` (core), formed on first use; None (knots)."""
-        if self.right_factors is None:
-            return None
-        base, small = self.right_factors
-        return (base @ small).T
+    data: torch.dtype
+    tasks: tuple[tuple[int, float] | None, ...]
+    left: Side
+    coef: Tensor
+    right: Side | None
+    a_coef: Tensor | None
+    a_output: bool = False
 
     @property
     def core_shape(self) -> tuple[int, int]:
         """The coordinates' shape ``(p, q)``: core ``(p, q)``, knots ``(rho, n)``."""
-        right = self.right_factors
-        return int(self.left_factors[1].shape[1]), self.shape[1] if right is None else right[
-            1
-        ].shape[1]
+        q = self.shape[1] if self.right is None else int(self.right[1].shape[1])
+        return int(self.coef.shape[0]), q
 
     @property
     def empty(self) -> bool:
@@ -102,13 +106,66 @@ class Projection:
         p, q = self.core_shape
         return p * q == 0
 
-    def lift(self, merged: Delta) -> LowRank:
+    @property
+    def reusable(self) -> bool:
+        """True when it holds only R x R matrices (tall bases come from the deltas)."""
+        return all(s is None or s[0] is None or s[0].numel() == 0 for s in (self.left, self.right))
+
+    def fits(self, deltas: Sequence[LowRank | None]) -> bool:
+        """True when ``deltas`` have the shape, ranks and scales it was made of.
+
+        A basis is reused within one run, over the same reader's deltas; this check guards
+        against a mix-up of parameters, not against a reader whose values change between passes.
+        """
+        shapes = {tuple(d.shape) for d in deltas if d is not None}
+        return shapes == {self.shape} and _fingerprint(deltas) == self.tasks
+
+    @property
+    def needs_factors(self) -> bool:
+        """True when :meth:`coordinates` reads the deltas' factors (knots), not only the basis."""
+        return self.a_coef is None
+
+    def coordinates(self, deltas: Sequence[LowRank | None] | None = None) -> list[Tensor]:
+        """Every task's coordinates ``C_t`` in ``data`` (zeros for a task without the module).
+
+        Core's come from the basis alone (``deltas`` unused); knots' need every ``A_t``. One
+        tensor per task: below glibc's mmap threshold where a (T, p, q) block would be above.
+        """
+        ranks = [0 if t is None else t[0] for t in self.tasks]
+        shape, device = self.core_shape, self.coef.device
+        out = [torch.empty(shape, dtype=self.data, device=device) for _ in ranks]
+        if self.a_coef is not None:  # core: M_t = (U_B^T s_t B_t)(A_t V_A)
+            return core_coordinates(self.coef, self.a_coef, ranks, out)
+        assert deltas is not None, "knots coordinates need the deltas"
+        return knots_coordinates(self.coef, deltas, ranks, out)
+
+    def left_times(
+        self, deltas: Sequence[LowRank | None], mat: Tensor | None, out: torch.dtype
+    ) -> Tensor:
+        """``L @ mat`` ``(m, k)`` in dtype ``out``; ``mat`` ``(p, k)`` float64, None: ``L``."""
+        base, small = self.left
+        return b_times(deltas, self.shape[0], base, small if mat is None else small @ mat, out)
+
+    def times_right(
+        self, deltas: Sequence[LowRank | None], mat: Tensor | None, out: torch.dtype
+    ) -> Tensor:
+        """``mat @ R`` ``(k, n)`` in dtype ``out``; ``mat`` ``(k, q)`` float64, None: ``R``."""
+        assert self.right is not None, "knots has no right basis"
+        base, small = self.right
+        return times_a(deltas, self.shape[1], base, small.T if mat is None else mat @ small.T, out)
+
+    def lift(self, merged: Delta, deltas: Sequence[LowRank | None]) -> LowRank:
         """``L merged R`` as ``LowRank`` of the parameter's shape, in ``merged``'s dtype (exact).
+
+        Two tall products at most (``U_B`` and ``M V_A^T``, or ``U_B M`` and ``V_A^T``; knots:
+        ``U S`` only), each as ``stack @ (small @ ...)`` by blocks of the stacked factors; one
+        when the stacked A itself is the A factor (``a_output``, ``q <= p``).
 
         Example:
             >>> from starmerge.tensors.delta import Dense
-            >>> proj = project([LowRank(torch.ones(3, 1), torch.ones(1, 2), 2.0)], "core")
-            >>> proj.lift(Dense(proj.coords[0])).to_dense()
+            >>> x = [LowRank(torch.ones(3, 1), torch.ones(1, 2), 2.0)]
+            >>> basis = space_basis(x, "core")
+            >>> basis.lift(Dense(basis.coordinates(x)[0]), x).to_dense()
             tensor([[2., 2.],
                     [2., 2.],
                     [2., 2.]])
@@ -116,15 +173,81 @@ class Projection:
         if tuple(merged.shape) != self.core_shape:
             raise ValueError(f"lift needs a {self.core_shape} delta, got {tuple(merged.shape)}")
         out = merged.dtype
-        if isinstance(merged, LowRank):
-            b = self.left @ (merged.b.to(_F64) * float(merged.scale))
-            a = merged.a.to(_F64) if self.right is None else merged.a.to(_F64) @ self.right
-        elif self.right is None or merged.shape[0] <= merged.shape[1]:
-            x = merged.tensor.to(_F64)  # (p, q); U_B (M V_A^T): rank p
-            b, a = self.left, x if self.right is None else x @ self.right
-        else:
-            b, a = self.left @ merged.tensor.to(_F64), self.right  # (U_B M) V_A^T: rank q
-        return LowRank(b.to(out), a.to(out), 1.0)
+        if isinstance(merged, LowRank):  # (L b s) (a R)
+            b = self.left_times(deltas, merged.b.to(_F64) * float(merged.scale), out)
+            if self.right is None:
+                return LowRank(b, merged.a.to(out), 1.0)
+            return LowRank(b, self.times_right(deltas, merged.a.to(_F64), out), 1.0)
+        if self.right is None:  # knots: (U S) X
+            return LowRank(self.left_times(deltas, None, out), merged.tensor, 1.0)
+        x = merged.tensor.to(_F64)  # (p, q)
+        if self.a_output and x.shape[1] <= x.shape[0]:  # (U_B M V_A^T) = (B K) A: rank q = R
+            a = stack_a(deltas, self.shape[1], out)  # the adapters' own A: no product
+            return LowRank(self.left_times(deltas, x @ self.right[1].T, out), a, 1.0)
+        if x.shape[0] <= x.shape[1]:  # U_B (M V_A^T): rank p
+            return LowRank(self.left_times(deltas, None, out), self.times_right(deltas, x, out))
+        return LowRank(self.left_times(deltas, x, out), self.times_right(deltas, None, out))
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A :class:`SpaceBasis` bound to its deltas: coordinates, bases and the lift.
+
+    ``deltas`` may be None for a basis whose coordinates need no factor (core): such a
+    projection gives coordinates but no lift (a fit pass that reuses the basis reads nothing).
+
+    Example:
+        >>> from starmerge.tensors.delta import Dense
+        >>> proj = project([LowRank(torch.ones(3, 1), torch.ones(1, 2), 2.0)], "core")
+        >>> proj.lift(Dense(proj.coords[0])).to_dense()
+        tensor([[2., 2.],
+                [2., 2.],
+                [2., 2.]])
+    """
+
+    basis: SpaceBasis
+    deltas: tuple[LowRank | None, ...] | None
+
+    @cached_property
+    def coords(self) -> tuple[Tensor, ...]:
+        """Per task its ``(p, q)`` coordinates (zeros for a task without the module)."""
+        return tuple(self.basis.coordinates(self.deltas))
+
+    @cached_property
+    def left(self) -> Tensor:
+        """``(m, p)`` float64: ``U_B`` (core) or ``U S`` (knots)."""
+        return self.basis.left_times(self._factors(), None, _F64)
+
+    @cached_property
+    def right(self) -> Tensor | None:
+        """``(q, n)`` float64 ``V_A^T`` (core); None (knots)."""
+        if self.basis.right is None:
+            return None
+        return self.basis.times_right(self._factors(), None, _F64)
+
+    def _factors(self) -> tuple[LowRank | None, ...]:
+        if self.deltas is None:
+            raise ValueError("this projection was made without the deltas: it cannot lift")
+        return self.deltas
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The parameter's shape ``(m, n)``."""
+        return self.basis.shape
+
+    @property
+    def core_shape(self) -> tuple[int, int]:
+        """The coordinates' shape ``(p, q)``."""
+        return self.basis.core_shape
+
+    @property
+    def empty(self) -> bool:
+        """True when every task's delta is (numerically) zero."""
+        return self.basis.empty
+
+    def lift(self, merged: Delta) -> LowRank:
+        """:meth:`SpaceBasis.lift` with these deltas."""
+        return self.basis.lift(merged, self._factors())
 
 
 def project(deltas: Sequence[LowRank | None], space: str) -> Projection:
@@ -136,7 +259,7 @@ def project(deltas: Sequence[LowRank | None], space: str) -> Projection:
         space: ``core`` or ``knots``.
 
     Returns:
-        The basis and every task's coordinates.
+        The basis bound to the deltas.
 
     Raises:
         ValueError: An unknown space, or no delta given.
@@ -146,6 +269,16 @@ def project(deltas: Sequence[LowRank | None], space: str) -> Projection:
         >>> x = LowRank(torch.randn(8, 2), torch.randn(2, 6), 0.5)
         >>> project([x, None], "core").core_shape
         (2, 2)
+    """
+    return Projection(space_basis(deltas, space), tuple(deltas))
+
+
+def space_basis(deltas: Sequence[LowRank | None], space: str) -> SpaceBasis:
+    """The basis of ``space`` for one parameter's low-rank task deltas (see :func:`project`).
+
+    Raises:
+        ValueError: An unknown space, or no delta given.
+        TypeError: A delta that is not ``LowRank``.
     """
     if space not in ("core", "knots"):
         raise ValueError(f"space must be core or knots, got {space!r}")
@@ -158,118 +291,10 @@ def project(deltas: Sequence[LowRank | None], space: str) -> Projection:
     shape = (int(present[0].shape[0]), int(present[0].shape[1]))
     data = _F64 if any(d.dtype == _F64 for d in present) else torch.float32
     rtol = numerical_rtol(shape, data)
-    parts = [_part(d) for d in deltas]  # (s_t B_t, A_t) in float64, None for a zero delta
-    if space == "core":
-        left, right, coords = _core(parts, shape, rtol, present[0].device)
-    else:
-        left, right, coords = _knots(parts, shape, rtol, present[0].device)
-    return Projection(space, shape, tuple(c.to(data) for c in coords), left, right)
+    found = core_basis(deltas, shape, rtol) if space == "core" else knots_basis(deltas, shape, rtol)
+    return SpaceBasis(space, shape, data, _fingerprint(deltas), *found)
 
 
-def _part(delta: LowRank | None) -> tuple[Tensor, Tensor] | None:
-    """``(s B, A)`` in float64, or None for a missing or rank-0 delta."""
-    if delta is None or delta.rank == 0:
-        return None
-    return delta.b.to(_F64) * float(delta.scale), delta.a.to(_F64)
-
-
-def left_singular(x: Tensor, rtol: float) -> Tensor:
-    """The left singular vectors of ``x`` ``(k, R)`` at its numerical rank, ``(k, rank)``.
-
-    Example:
-        >>> left_singular(torch.eye(3, dtype=torch.float64)[:, :2] * 2, 1e-12).shape
-        torch.Size([3, 2])
-    """
-    base, to_u, _ = singular_basis(x, rtol)
-    return base @ to_u
-
-
-def singular_basis(x: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``x`` ``(k, R)`` float64 as ``U C``: U its left singular vectors at the numerical rank.
-
-    Returns ``(base, to_u, coef)`` with ``U = base @ to_u`` ``(k, rank)`` left unformed (one
-    tall product, paid only by a lift) and ``coef = U^T x`` ``(rank, R)``. A well-conditioned x
-    (all eigenvalues of ``x^T x = W L W^T`` within a factor 1e6, the usual stacked LoRA factor)
-    takes the Gram route: ``U = x W L^-1/2`` and ``coef = L^1/2 W^T`` (already an SVD, so no
-    SVD at all; Q orthonormal to about eps64 * cond^2, as in
-    :func:`~starmerge.tensors.spectral.orthonormal_factor`). Otherwise Householder QR
-    ``x = Q F`` (exact for every input), the SVD of the small ``F = W diag(s) Z^T``, ``U = Q W``
-    and ``coef = W^T F``, so a zero column of x (a zero ``B_t``) gives an exactly zero column.
-    Cost O(k R^2) for ``x^T x`` (or the QR); never an SVD of the tall matrix.
-    """
-    k, r = x.shape
-    if r == 0:
-        return x.new_zeros(k, 0), x.new_zeros(0, 0), x.new_zeros(0, 0)
-    eig, w = torch.linalg.eigh(x.T @ x)  # ascending
-    top = float(eig[-1])
-    if top > 0 and float(eig[0]) > top * _GRAM_MIN_EIG_RATIO:
-        s, w = eig.flip(0).sqrt(), w.flip(1)  # descending singular values of x
-        keep = _rank(s, rtol)
-        return x, w[:, :keep] / s[:keep], s[:keep, None] * w[:, :keep].T
-    q, f = torch.linalg.qr(x)  # (k, c), (c, R)
-    w, s, _ = torch.linalg.svd(f, full_matrices=False)
-    w = w[:, : _rank(s, rtol)]
-    return q, w, w.T @ f
-
-
-def _rank(s: Tensor, rtol: float) -> int:
-    """How many singular values (descending) lie above ``rtol * s_max`` (0 for a zero matrix)."""
-    if s.numel() == 0 or float(s[0]) <= 0:
-        return 0
-    return int((s > rtol * s[0]).sum())
-
-
-def _core(
-    parts: list[tuple[Tensor, Tensor] | None], shape: tuple[int, int], rtol: float, device
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[Tensor]]:
-    """Core Space: ``U_B`` ``(m, p)`` and ``V_A`` ``(n, q)`` (unformed), every ``(p, q)`` core."""
-    m, n = shape
-    given = [p for p in parts if p is not None]
-    if given:
-        b = torch.cat([sb for sb, _ in given], dim=1)  # (m, R)
-        a = torch.cat([a for _, a in given], dim=0)  # (R, n)
-    else:
-        b = torch.zeros(m, 0, dtype=_F64, device=device)
-        a = torch.zeros(0, n, dtype=_F64, device=device)
-    b_base, to_u, b_coef = singular_basis(b, rtol)  # U_B = b_base @ to_u (m, p); U_B^T B
-    a_base, to_v, a_coef = singular_basis(a.T, rtol)  # V_A (n, q): A's right singular vectors
-    # M_t = (U_B^T s_t B_t) (A_t V_A): columns of the coefficients, exactly 0 for a zero B_t
-    # (as its delta is); the tall U_B and V_A are formed only if the merge is lifted.
-    cores, col = [], 0
-    for part in parts:
-        r_t = 0 if part is None else part[1].shape[0]
-        cores.append(b_coef[:, col : col + r_t] @ a_coef[:, col : col + r_t].T)  # (p, q)
-        col += r_t
-    return (b_base, to_u), (a_base, to_v), cores
-
-
-def _knots(
-    parts: list[tuple[Tensor, Tensor] | None], shape: tuple[int, int], rtol: float, device
-) -> tuple[tuple[Tensor, Tensor], None, list[Tensor]]:
-    """KnOTS: ``U S`` ``(m, rho)`` (unformed) and every task's ``V_t^T`` ``(rho, n)``."""
-    m, n = shape
-    given = [p for p in parts if p is not None]
-    if not given:
-        empty = (torch.zeros(m, 0, dtype=_F64, device=device), torch.zeros(0, 0, dtype=_F64))
-        return empty, None, [torch.zeros(0, n, dtype=_F64, device=device) for _ in parts]
-    b = torch.cat([sb for sb, _ in given], dim=1)  # (m, R)
-    b_base, to_q, r_b = singular_basis(b, 0.0)  # B = Q_B R_B, Q_B = b_base @ to_q (unformed)
-    blocks, col = [], 0
-    for sb, a in given:
-        r_a = singular_basis(a.T, 0.0)[2]  # A_t^T = Q_t R_t, R_t (k_t, r_t); Q_t never formed
-        blocks.append(r_b[:, col : col + sb.shape[1]] @ r_a.T)  # (c, k_t)
-        col += sb.shape[1]
-    u_c, s, _ = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
-    rho = _rank(s, rtol)
-    # V_t^T = S^-1 U^T D_t = S^-1 (U^T s_t B_t) A_t with U = Q_B u_c: U^T s_t B_t is a block of
-    # u_c^T R_B, exactly 0 for a zero B_t.
-    ub = (u_c[:, :rho].T @ r_b) / s[:rho, None]  # (rho, R)
-    coords, col = [], 0
-    for part in parts:
-        if part is None:
-            coords.append(torch.zeros(rho, n, dtype=_F64, device=device))
-            continue
-        r_t = part[1].shape[0]
-        coords.append(ub[:, col : col + r_t] @ part[1])  # V_t^T, (rho, n)
-        col += r_t
-    return (b_base, to_q @ (u_c[:, :rho] * s[:rho])), None, coords  # U S = Q_B u_c S
+def _fingerprint(deltas: Sequence[LowRank | None]) -> tuple[tuple[int, float] | None, ...]:
+    """Per task ``(rank, scale)``, or None."""
+    return tuple(None if d is None else (d.rank, float(d.scale)) for d in deltas)
