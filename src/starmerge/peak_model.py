@@ -1,8 +1,9 @@
 """Predicted peak memory of a merge: the engine's buffers around each method's footprint.
 
-What is counted is anonymous memory (``RssAnon``, what :mod:`starmerge.memory` measures): the
-checkpoints are memory-mapped, so a tensor read in its stored dtype costs nothing until it is
-cast or computed on. Per merged parameter (P = one float32 copy of it, T tasks):
+What is counted is anonymous memory (``RssAnon``, what :mod:`starmerge.memory` measures):
+checkpoint tensors are read with positioned reads (``io/safetensors_reader.py``), so a model
+output holds each base tensor as read (its stored bytes) beside the merge. Per merged parameter
+(P = one float32 copy of it, T tasks):
 
 - inputs: a full fine-tune's delta ``ft - base`` is P per task (its reads cast first when the
   checkpoints are not float32: 2 P more while one task is read); LoRA factors cost nothing, and a
@@ -113,7 +114,7 @@ def peak_bytes(
     for name, key in keys.items():
         base = (output.base or {}).get(name)
         base_cast = base is not None and base[1] != F32  # added to the merge in float32
-        p = _parts(method, params, n_tasks, key, output, space, base_cast)
+        p = _parts(method, params, n_tasks, key, output, space, base_cast, base)
         # The pipeline reads a parameter while the previous one's deltas and result are held.
         read = prev.inputs + prev.kept + p.inputs + p.reading
         merge = max(read, prev.kept + p.inputs + p.kernel, p.inputs + p.kept + p.write)
@@ -125,9 +126,9 @@ def peak_bytes(
     if output.format == "adapter":
         peak = max(peak, held + 2 * _stored_bytes(keys, n_tasks, method, params, output, space))
     for numel, itemsize, merged in (output.base or {}).values():
-        if not merged:  # copied through: a cast when the dtype changes, then the file's bytes
+        if not merged:  # copied through: read into memory, cast when the dtype changes, written
             out = numel * output.itemsize
-            peak = max(peak, out * (1 if itemsize == output.itemsize else 2))
+            peak = max(peak, numel * itemsize + (0 if itemsize == output.itemsize else out))
     return int(peak)
 
 
@@ -157,6 +158,7 @@ def _parts(
     output: OutputModel,
     space: str,
     base_cast: bool,
+    base: tuple[int, int, bool] | None = None,
 ) -> _Parts:
     case, inputs, reading = _case(method, params, n_tasks, key, space)
     foot = (method.memory or default_footprint)(case)
@@ -166,9 +168,11 @@ def _parts(
     result = MemoryCase(n_tasks, key.shape, key.lora_rank).factors(1) if lowrank_result else 0
     artifacts = _artifact_bytes(method, key.shape, n_tasks)
     kept = (result or full.copies(1)) + artifacts
-    if output.format == "model":  # the sum (and the base's float32 copy), then the file's bytes
+    if output.format == "model":  # the base as read, its float32 copy, the sum, the file's bytes
         out = full.numel * output.itemsize
+        read = full.numel * (base[1] if base is not None else F32)  # positioned read: anonymous
         densify = full.copies(2 if lowrank_result else 1) + full.copies(1 if base_cast else 0)
+        densify += read
         write = max(densify, full.copies(1) + max(out, artifacts), 2 * out)
         return _Parts(inputs, reading, foot.kernel, fit, kept, write, 0.0)
     if lowrank_result:
