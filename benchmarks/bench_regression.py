@@ -6,7 +6,9 @@ versions of the library side by side: ``git worktree`` checks the reference revi
 first, then this tree, alternating the order every round) that merges the 12-adapter set of
 ``bench_methods.py`` (two layers of the Mistral-7B-shaped STAR set) with every data-free method
 both versions have, through ``starmerge.api.merge_deltas``. Per method the faster of the rounds
-is kept on each side; the verdict is this tree / reference <= 1.10 (PASS) per method.
+is kept on each side (within a round, a merge shorter than a second is repeated for a second and
+its fastest call kept); the verdict is this tree / reference <= 1.10 (PASS) per method, and for a
+merge that takes under 50 ms on both sides, a difference of at most 10 ms (``PASS (floor)``).
 
 The children share this script: ``--child SRC`` puts ``SRC`` (a ``src/`` directory) first on
 ``sys.path`` and prints the timings as JSON. Methods that need base weights or a fixed number of
@@ -32,6 +34,14 @@ import common as C
 DEFAULT_REF = "c225795834da84247eef1c7444896ed30a6f40dd"
 DEFAULT_METHODS = "simple_average,task_arithmetic,ties,tall_masks,consensus,metagpt,star"
 LIMIT = 1.10  # this tree / reference, per method
+# Merges of a few milliseconds (both sides under SMALL_S) are judged by their difference: within
+# FLOOR_S is a PASS. At that scale the fastest of a second's repeats still moves 2-3x between
+# processes running the same tree (glibc maps and faults in every fresh multi-MiB factor
+# concatenation; docs/benchmarks.md), far more than the 10 % the ratio allows.
+SMALL_S, FLOOR_S = 0.05, 0.01
+# A method is merged again until REPEAT_S seconds have gone by (at most MAX_REPEATS times) and its
+# fastest call counts: a merge of a few milliseconds is otherwise timed at the scheduler's mercy.
+REPEAT_S, MAX_REPEATS = 1.0, 50
 
 
 def child(src: str, methods: list[str]) -> dict:
@@ -52,10 +62,13 @@ def child(src: str, methods: list[str]) -> dict:
     out = {}
     for name in methods:
         params = bench_methods.PARAMS.get(name, {})
-        t0 = time.perf_counter()
-        merged = merge_deltas(name, deltas, params)
-        out[name] = time.perf_counter() - t0
-        del merged
+        times: list[float] = []
+        while not times or (sum(times) < REPEAT_S and len(times) < MAX_REPEATS):
+            t0 = time.perf_counter()
+            merged = merge_deltas(name, deltas, params)
+            times.append(time.perf_counter() - t0)
+            del merged
+        out[name] = min(times)
     return out
 
 
@@ -67,6 +80,15 @@ def worktree(rev: str) -> Path:
         subprocess.check_call(["git", "worktree", "add", "--detach", "-f", str(path), sha],
                               cwd=C.ROOT)
     return path
+
+
+def verdict(reference_s: float, this_s: float) -> str:
+    """PASS within ``LIMIT``; a merge of milliseconds on both sides is judged by ``FLOOR_S``."""
+    if reference_s > 0 and this_s / reference_s <= LIMIT:
+        return "PASS"
+    if max(reference_s, this_s) < SMALL_S:
+        return "PASS (floor)" if this_s - reference_s <= FLOOR_S else "FAIL"
+    return "FAIL"
 
 
 def run(ref: str, rounds: int, methods: list[str]) -> dict:
@@ -89,18 +111,20 @@ def run(ref: str, rounds: int, methods: list[str]) -> dict:
         ratio = best["this tree"] / best["reference"] if best["reference"] > 0 else None
         rows.append({"method": name, "reference_s": best["reference"],
                      "this_tree_s": best["this tree"], "ratio": ratio,
-                     "verdict": "PASS" if ratio is not None and ratio <= LIMIT else "FAIL",
+                     "verdict": verdict(best["reference"], best["this tree"]),
                      "all_s": {side: times[side][name] for side in sides}})
     info["loadavg_at_end"] = C.load_average()
     return {"benchmark": "regression", "reference": ref, "rounds": rounds, "limit": LIMIT,
+            "small_s": SMALL_S, "floor_s": FLOOR_S,
             "machine": info, "rows": rows}
 
 
 def summary_lines(res: dict) -> list[str]:
     lines = [f"regression: this tree vs {res['reference']} (best of {res['rounds']} interleaved "
-             f"rounds; PASS when <= {res['limit']:.2f}x)"]
+             f"rounds; PASS when <= {res['limit']:.2f}x, or within {FLOOR_S * 1e3:.0f} ms for "
+             f"merges under {SMALL_S * 1e3:.0f} ms)"]
     for r in res["rows"]:
-        lines.append(f"  {r['method']:16s} {r['reference_s']:8.2f} s -> {r['this_tree_s']:8.2f} s"
+        lines.append(f"  {r['method']:16s} {r['reference_s']:8.3f} s -> {r['this_tree_s']:8.3f} s"
                      f"  {r['ratio']:.2f}x  {r['verdict']}")
     return lines
 

@@ -61,6 +61,10 @@ def test_all_finite_over_several_chunks():
         # the Cauchy-Schwarz bound exceeds float32's range but every entry is finite
         (LowRank(torch.full((2, 1), 1e19), torch.full((1, 2), 1e19), 1.0), True),
         (LowRank(torch.zeros(3, 0), torch.zeros(0, 2), 1.0), True),
+        (LowRank(torch.ones(3, 1), torch.tensor([[1.0, -INF]]), 1.0), False),
+        (LowRank(torch.ones(3, 1, dtype=torch.bfloat16), torch.full((1, 2), NAN), 1.0), False),
+        # a float16 norm overflows (1e4 * sqrt(2) > 65504): checked in float64, finite
+        (LowRank(*(torch.full(s, 1e4, dtype=torch.float16) for s in ((2, 1), (1, 2))), 1.0), True),
     ],
 )
 def test_delta_finite(delta, finite):

@@ -8,8 +8,12 @@ from starmerge.tensors.sparsify import (
     keep_count,
     kth_largest_abs,
     kth_largest_abs_local,
-    magnitude_trim,
 )
+
+
+def magnitude_trim(x, threshold):
+    """The seed code's trim: entries with |x| >= threshold kept (ties too); None trims all."""
+    return torch.zeros_like(x) if threshold is None else x * (x.abs() >= threshold)
 
 
 def topk_threshold(tensors, keep):

@@ -55,9 +55,11 @@ def test_mask_inequality_is_strict():
     assert torch.equal(consensus(ones, mask_lambda=0.99).delta.tensor, torch.full((3,), 2.0))
 
 
-def test_consensus_above_task_count_gives_zero():
+@pytest.mark.parametrize("k", [3, 300])  # 300: beyond the range of the uint8 count (300 % 256 = 44)
+def test_consensus_above_task_count_gives_zero(k):
     xs = [Dense(x) for x in taus(6, n_tasks=2)]
-    assert torch.equal(tall_masks(xs, consensus=3).delta.tensor, torch.zeros(8, 4))
+    assert torch.equal(tall_masks(xs, consensus=k).delta.tensor, torch.zeros(8, 4))
+    assert torch.equal(consensus(xs, consensus=k).delta.tensor, torch.zeros(8, 4))
 
 
 def test_zero_and_order_invariance_and_stats():

@@ -72,9 +72,18 @@ def consensus_mask(
     Returns:
         A boolean mask of ``target``'s shape.
     """
-    count = torch.zeros(target.shape, dtype=torch.int32, device=target.device)
-    for tau in taus:
-        count += tau.abs() > mask_lambda * (target - tau).abs()  # this task's TALL mask
+    if consensus > len(taus):  # no entry can gather more masks than there are tasks
+        return torch.zeros(target.shape, dtype=torch.bool, device=target.device)
+    # Three buffers reused across tasks (no fresh temporaries per operation); a count of at
+    # most T agreeing tasks fits in uint8 below 256 tasks.
+    count_dtype = torch.uint8 if len(taus) < 256 else torch.int32
+    count = torch.zeros(target.shape, dtype=count_dtype, device=target.device)
+    gap, size = torch.empty_like(target), torch.empty_like(target)
+    mask = torch.empty(target.shape, dtype=torch.bool, device=target.device)
+    for tau in taus:  # this task's TALL mask: |tau| > lambda |target - tau|
+        torch.sub(target, tau, out=gap).abs_().mul_(mask_lambda)
+        torch.gt(torch.abs(tau, out=size), gap, out=mask)
+        count += mask
     return count >= consensus
 
 
@@ -97,8 +106,9 @@ def _result(merged: Tensor, mask: Tensor, out_dtype: torch.dtype) -> Merged:
     params=_params(0.4),
     accepts=("dense",),
     paper="https://arxiv.org/abs/2405.07813",
-    # memory: S, alpha S, the int32 count, one task's |tau|, |target - tau| and its scale
-    memory=lambda case: Footprint(case.copies(6)),
+    # memory: S, alpha S, |tau| and lambda |target - tau| (buffers), the uint8 count, the bool
+    # mask and the final mask (a quarter copy each)
+    memory=lambda case: Footprint(case.copies(4.75)),
 )
 def tall_masks(
     deltas: Sequence[Delta], *, mask_lambda: float = 0.4, alpha: float = 0.4, consensus: int = 2
@@ -131,7 +141,7 @@ def tall_masks(
     accepts=("dense",),
     paper="https://arxiv.org/abs/2405.07813",
     # memory: as tall_masks without alpha S (the mask is built against S itself)
-    memory=lambda case: Footprint(case.copies(5)),
+    memory=lambda case: Footprint(case.copies(3.75)),
 )
 def consensus(
     deltas: Sequence[Delta], *, mask_lambda: float = 0.4, alpha: float = 1.0, consensus: int = 2
@@ -154,4 +164,4 @@ def consensus(
     """
     taus, total = _stack_sum(deltas)
     mask = consensus_mask(taus, total, mask_lambda, consensus)
-    return _result(alpha * torch.where(mask, total, 0.0), mask, deltas[0].dtype)
+    return _result(torch.where(mask, total, 0.0).mul_(alpha), mask, deltas[0].dtype)

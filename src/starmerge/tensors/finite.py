@@ -15,6 +15,7 @@ from starmerge.tensors.threads import one_thread
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 _CHUNK = 1 << 22  # entries summed at once: 16 MB of float32 temporaries at most
+_SLACK = 1.01  # a low-rank bound within 1 % of float32's range is checked entry by entry
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -42,8 +43,11 @@ def delta_finite(delta: Delta) -> bool:
     """Whether every entry of ``delta`` is finite in float32, without densifying a low-rank one.
 
     A ``LowRank`` entry is at most ``|scale| * ||b||_F * ||a||_F`` in size (Cauchy-Schwarz), so
-    finite factors and a bound within float32's range prove ``scale * b @ a`` finite; only when
-    the bound is exceeded is the product formed and checked.
+    finite factors and a bound within float32's range prove ``scale * b @ a`` finite. One norm
+    per factor, in the factor's dtype, settles both: a NaN or Inf entry makes the norm non-finite.
+    Only when a norm is not finite (an Inf entry, or a square beyond the dtype's range) are the
+    factors checked entry by entry and normed in float64; only when the bound is exceeded is the
+    product formed and checked.
 
     Example:
         >>> delta_finite(LowRank(torch.ones(3, 1), torch.ones(1, 2), 1e38))
@@ -51,11 +55,16 @@ def delta_finite(delta: Delta) -> bool:
     """
     if isinstance(delta, Dense):
         return all_finite(delta.tensor)
-    if not (math.isfinite(delta.scale) and all_finite(delta.b) and all_finite(delta.a)):
+    if not math.isfinite(delta.scale):
         return False
     with one_thread():
-        norm_b = float(torch.linalg.vector_norm(delta.b, dtype=torch.float64))
-        norm_a = float(torch.linalg.vector_norm(delta.a, dtype=torch.float64))
-    if abs(delta.scale) * norm_b * norm_a <= FLOAT32_MAX:
+        norm_b, norm_a = (float(torch.linalg.vector_norm(f)) for f in (delta.b, delta.a))
+        if not (math.isfinite(norm_b) and math.isfinite(norm_a)):
+            if not (all_finite(delta.b) and all_finite(delta.a)):
+                return False
+            norm_b = float(torch.linalg.vector_norm(delta.b, dtype=torch.float64))
+            norm_a = float(torch.linalg.vector_norm(delta.a, dtype=torch.float64))
+    # _SLACK covers the rounding of a norm summed in float32 or bfloat16.
+    if abs(delta.scale) * norm_b * norm_a * _SLACK <= FLOAT32_MAX:
         return True
     return all_finite(delta.to_dense(torch.float32))

@@ -138,13 +138,10 @@ def b_times(
         full = base if base is not None else stack_b(deltas, m)
         return (full @ mat).to(dtype)
     out = torch.empty(m, mat.shape[1], dtype=dtype, device=mat.device)
-    tmp = None
+    tmp: Tensor | None = None
     for i, j, block in _b_blocks(deltas, m):
-        tmp = (
-            torch.empty(block.shape[0], mat.shape[1], dtype=_F64, device=mat.device)
-            if tmp is None
-            else tmp
-        )
+        if tmp is None:  # the first block is the largest
+            tmp = torch.empty(block.shape[0], mat.shape[1], dtype=_F64, device=mat.device)
         out[i:j] = torch.mm(block, mat, out=tmp[: j - i])
     return out
 
@@ -157,13 +154,10 @@ def times_a(
         full = base.T if base is not None else stack_a(deltas, n)
         return (mat @ full).to(dtype)
     out = torch.empty(mat.shape[0], n, dtype=dtype, device=mat.device)
-    tmp = None
+    tmp: Tensor | None = None
     for i, j, block in _a_blocks(deltas, n):
-        tmp = (
-            torch.empty(mat.shape[0], block.shape[1], dtype=_F64, device=mat.device)
-            if tmp is None
-            else tmp
-        )
+        if tmp is None:  # the first block is the largest
+            tmp = torch.empty(mat.shape[0], block.shape[1], dtype=_F64, device=mat.device)
         out[:, i:j] = torch.mm(mat, block, out=tmp[:, : j - i])
     return out
 

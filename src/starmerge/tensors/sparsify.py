@@ -160,17 +160,6 @@ def kth_largest_abs_local(x: Tensor, keep: int) -> float | None:
     return kth_largest(x.detach().to(torch.float32).abs().reshape(-1), keep)
 
 
-def magnitude_trim(x: Tensor, threshold: float | None) -> Tensor:
-    """Zero the entries with ``|x| < threshold`` (in float32); ``None`` zeroes everything.
-
-    Entries tied with the threshold are kept, as in the seed code's ``>=``.
-    """
-    x = x.to(torch.float32)
-    if threshold is None:
-        return torch.zeros_like(x)
-    return x * (x.abs() >= threshold)  # a new tensor; the input is never changed
-
-
 # mergekit's sparsifiers (``mergekit/sparsify.py``), one task tensor at a time, in float32.
 # The random ones take the uniform draws ``u`` (same shape as ``x``, in [0, 1)) as an argument:
 # an entry is kept where ``u < p``, which is ``torch.bernoulli(p)`` with the draws made explicit,
