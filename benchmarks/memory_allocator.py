@@ -1,13 +1,20 @@
-"""The time cost of ``starmerge.memory.bounded_allocator``: the same merges with and without it.
+"""The time cost of the merge's allocator settings: the same merges with and without them.
 
-The engine fixes glibc's mmap threshold at 1 MiB, so every tensor of 1 MiB or more is mapped
-when allocated and unmapped when freed (its pages are faulted in and zeroed each time). Here
-each method merges ``bench_memory.py``'s inputs (model output) alternately with that setting
-(``starmerge merge``, as a user runs it) and with glibc's dynamic threshold (the same command in
-a process where ``bounded_allocator`` is made a no-op before the merge), ``--repeats`` times
-each, the order swapped every repeat, in one run. The cost is the ratio of the medians of the
-merge's own wall time (the manifest's ``wall_time_s``); CPU time and peak RssAnon are recorded
-next to it, and how many cores other processes used (``foreign_load_cores``).
+The engine fixes glibc's mmap threshold at 1 MiB (``starmerge.memory.bounded_allocator``), so
+every tensor of 1 MiB or more is mapped when allocated and unmapped when freed (its pages are
+faulted in and zeroed each time), and the CLI asks torch for huge pages for tensors of 2 MiB and
+more (``prefer_huge_pages``), which makes those faults 512 times fewer. Here each method merges
+``bench_memory.py``'s inputs (model output) with three settings, ``--repeats`` times each, the
+order rotated every repeat, in one run:
+
+- ``bounded_thp``: ``starmerge merge`` as a user runs it (both settings);
+- ``bounded``: the same with ``THP_MEM_ALLOC_ENABLE=0`` (torch's small pages);
+- ``glibc_default``: small pages and glibc's dynamic threshold (``bounded_allocator`` made a
+  no-op before the merge): what the merge did before either setting.
+
+The cost is the ratio of the medians of the merge's own wall time (the manifest's
+``wall_time_s``) to ``glibc_default``'s; CPU time and peak RssAnon are recorded next to it, and
+how many cores other processes used (``foreign_load_cores``).
 
 Usage: python benchmarks/memory_allocator.py [--quick] [--methods ties,star] [--repeats 3]
 """
@@ -15,6 +22,7 @@ Usage: python benchmarks/memory_allocator.py [--quick] [--methods ties,star] [--
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,14 +36,22 @@ GLIBC_DEFAULT = (
     "import sys; import starmerge.memory as m; m._bounded.append(False); "
     "from starmerge.cli import main; sys.exit(main(sys.argv[1:]))"
 )
-ALLOCATORS = {"bounded": [C.STARMERGE], "glibc_default": [sys.executable, "-c", GLIBC_DEFAULT]}
+NO_THP = {"THP_MEM_ALLOC_ENABLE": "0"}  # torch's small pages (the CLI keeps a user's value)
+# name: (argv, environment overrides). "bounded_thp" is the CLI as a user runs it.
+ALLOCATORS = {
+    "bounded_thp": ([C.STARMERGE], {}),
+    "bounded": ([C.STARMERGE], NO_THP),
+    "glibc_default": ([sys.executable, "-c", GLIBC_DEFAULT], NO_THP),
+}
 
 
 def merge_once(allocator: str, config: Path, out: Path) -> dict:
     """One merge with ``allocator``: wall and CPU seconds, peak RssAnon, the manifest's time."""
-    argv = [*ALLOCATORS[allocator], "merge", str(config), str(out), "--overwrite", "--quiet"]
+    cmd, env = ALLOCATORS[allocator]
+    argv = [*cmd, "merge", str(config), str(out), "--overwrite", "--quiet"]
+    child_env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
     with C.ForeignLoad() as load:
-        run = C.run_child(argv, poll_s=B.POLL_S)
+        run = C.run_child(argv, poll_s=B.POLL_S, env=child_env)
     res = {
         "returncode": run.returncode,
         "wall_s": run.wall_s,
@@ -54,9 +70,9 @@ def merge_once(allocator: str, config: Path, out: Path) -> dict:
 def compare(method: str, config: Path, work: Path, repeats: int) -> dict:
     """``repeats`` merges with each allocator, alternating; medians and their ratios."""
     runs: dict[str, list[dict]] = {name: [] for name in ALLOCATORS}
-    for rep in range(repeats):
-        order = list(ALLOCATORS) if rep % 2 == 0 else list(reversed(ALLOCATORS))
-        for name in order:
+    for rep in range(repeats):  # the order rotates every repeat
+        names = list(ALLOCATORS)
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             runs[name].append(merge_once(name, config, work / f"out_{method}_{name}"))
     out: dict = {"runs": runs}
     if any(r["returncode"] for rs in runs.values() for r in rs):
@@ -65,7 +81,7 @@ def compare(method: str, config: Path, work: Path, repeats: int) -> dict:
     for field in ("merge_wall_s", "cpu_s", "peak_rss_anon_bytes"):
         med = {name: C.median([r[field] for r in rs]) for name, rs in runs.items()}
         out[f"median_{field}"] = med
-        out[f"bounded_over_default_{field}"] = med["bounded"] / med["glibc_default"]
+        out[f"over_default_{field}"] = {n: v / med["glibc_default"] for n, v in med.items()}
     return out
 
 
@@ -95,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method}: FAILED", flush=True)
             continue
         wall, rss = res["median_merge_wall_s"], res["median_peak_rss_anon_bytes"]
-        print(
-            f"{method}: merge {wall['bounded']:.2f} s bounded vs {wall['glibc_default']:.2f} s "
-            f"glibc default ({res['bounded_over_default_merge_wall_s']:.3f}x; CPU "
-            f"{res['bounded_over_default_cpu_s']:.3f}x); peak RssAnon "
-            f"{C.mib(rss['bounded'])} vs {C.mib(rss['glibc_default'])}",
-            flush=True,
-        )
+        ratio, cpu = res["over_default_merge_wall_s"], res["over_default_cpu_s"]
+        print(f"{method} (merge wall, its ratio to glibc's default, CPU ratio, peak RssAnon):")
+        for name in ALLOCATORS:
+            print(
+                f"  {name:14s} {wall[name]:7.2f} s  {ratio[name]:.3f}x  CPU {cpu[name]:.3f}x  "
+                f"{C.mib(rss[name])}",
+                flush=True,
+            )
     result["machine"]["loadavg_at_end"] = C.load_average()
     path = C.write_result(f"memory_allocator{'_quick' if args.quick else ''}", result)
     print(

@@ -148,3 +148,44 @@ def test_trim_heap_releases_freed_heap_pages_only_when_bounded(user_threshold):
         assert released > 24 * 2**20  # most of the 32 MiB of holes
     else:  # the user's own allocator settings: their heap is left alone
         assert released < 4 * 2**20
+
+
+HUGE_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    if sys.argv[1] == "torch-first":
+        import torch
+    from starmerge.memory import prefer_huge_pages
+    asked = prefer_huge_pages()
+    print(json.dumps({"asked": asked, "env": os.environ.get("THP_MEM_ALLOC_ENABLE")}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("order", "user", "want"),
+    [
+        ("starmerge-first", None, {"asked": True, "env": "1"}),
+        ("starmerge-first", "0", {"asked": False, "env": "0"}),  # the user's choice stays
+        ("torch-first", None, {"asked": False, "env": None}),  # too late: torch read it already
+    ],
+)
+def test_prefer_huge_pages_only_before_torch_and_never_over_the_user(order, user, want):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user
+    run = subprocess.run(
+        [sys.executable, "-c", HUGE_CHILD, order], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == want
+
+
+def test_the_cli_asks_for_huge_pages_before_torch(monkeypatch):
+    """``starmerge.cli.main`` calls it on every run, before a command can import torch."""
+    calls = []
+    monkeypatch.setattr("starmerge.cli.prefer_huge_pages", lambda: calls.append(1) or True)
+    from starmerge.cli import main
+
+    assert main(["--help"]) == 0
+    assert calls == [1]
