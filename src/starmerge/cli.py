@@ -19,6 +19,7 @@ import click
 
 from starmerge.cli_sweep import reproduce, sweep
 from starmerge.errors import StarmergeError
+from starmerge.memory import prefer_huge_pages
 
 DEBUG_ENV = "STARMERGE_DEBUG"
 
@@ -270,6 +271,7 @@ cli.add_command(sweep)
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in (argv or sys.argv[1:])
+    prefer_huge_pages()  # before any command imports torch (memory.py says why)
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -29,7 +29,7 @@ from starmerge.manifest import (
     write_manifest,
     write_model_card,
 )
-from starmerge.memory import PeakMemory
+from starmerge.memory import PeakMemory, bounded_allocator, trim_heap
 from starmerge.methods.contract import Merged
 from starmerge.pipeline import fit_state, merge_params
 from starmerge.plan import Plan
@@ -70,6 +70,7 @@ def run_merge(
     """
     check_output(plan, out_dir, overwrite=overwrite)
     device = resolve_device(device)
+    bounded_allocator()  # freed tensors go back to the system: the peak is the live tensors'
     start = time.perf_counter()
     # Hash the inputs for the manifest in a thread while the merge runs (hashlib frees the GIL).
     with ThreadPoolExecutor(max_workers=1) as pool, PeakMemory() as memory:
@@ -154,17 +155,21 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
     )
     per_param: dict[str, dict] = {}
     for key in tqdm(keys, desc="merge", disable=not progress, unit="param"):
-        weight = base.get(key)
         if key in plan.shapes:
             merged_key, result = next(merged)
             assert merged_key == key  # merge_params follows the given key order
-            weight = weight.to(torch.float32) + result.delta.to_dense(torch.float32)
+            # The base tensor is read (into a new buffer) only now, not held during the merge.
+            weight = base.get(key).to(torch.float32) + result.delta.to_dense(torch.float32)
             per_param[key] = dict(result.stats)
             _write_artifacts(artifacts, plan, key, result)
+            del result  # not held while the next parameter is read and merged
+        else:
+            weight = base.get(key)
         weight = weight.to(dtypes[key])
         _check_output_finite(plan, key, weight, from_base=True)
         writer.write(key, weight)
         del weight
+        trim_heap()  # the freed small blocks of this parameter, before the next one
     writer.close()
     if artifacts is not None:
         artifacts.close()
@@ -247,6 +252,8 @@ def _merge_modules(plan: Plan, results, progress: bool, modules, per_param, ener
         per_param[key] = stats
         _write_artifacts(artifacts, plan, key, result)
         modules[key] = lowrank
+        del result  # a dense result is not held while the next one is merged
+        trim_heap()
 
 
 def _writer_layout(plan: Plan, modules: dict[str, LowRank]) -> tuple[bool, dict[str, LowRank]]:

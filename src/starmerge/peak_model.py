@@ -1,32 +1,37 @@
 """Predicted peak memory of a merge: the engine's buffers around each method's footprint.
 
-What is counted is anonymous memory (``RssAnon``, what :mod:`starmerge.memory` measures):
-checkpoint tensors are read with positioned reads (``io/safetensors_reader.py``), so a model
-output holds each base tensor as read (its stored bytes) beside the merge. Per merged parameter
-(P = one float32 copy of it, T tasks):
+What is counted is anonymous memory (``RssAnon``, what :mod:`starmerge.memory` measures). The
+checkpoints are read tensor by tensor into new buffers (``io/safetensors_reader.py``: positioned
+reads, no memory map), so a tensor read costs its stored bytes while it is held; statistics files
+are memory-mapped and cost nothing until computed on. Per merged parameter (P = one float32 copy
+of it, T tasks):
 
-- inputs: a full fine-tune's delta ``ft - base`` is P per task (its reads cast first when the
-  checkpoints are not float32: 2 P more while one task is read); LoRA factors cost nothing, and a
-  kernel that needs entries gets each task densified (P, and P more while it is scaled);
-- fit passes: the inputs plus the method's declared fit footprint;
-- merge: the inputs plus the method's kernel footprint; then, with the inputs and the result
-  still held:
-  - model output: the base cast to float32 when it is not, the densified result of a low-rank
-    merge (2 P while it is scaled), the sum, its cast to the output dtype and the bytes handed to
-    the file;
+- inputs: a full fine-tune's delta ``ft - base`` is P per task, and while one task is read its
+  two read buffers (2 P more; 3 P when the checkpoints are not float32 and are cast); LoRA
+  factors cost next to nothing, and a kernel that needs entries gets each task densified (P,
+  scaled in place); in ``core``/``knots`` space each task's coordinates and the basis (the
+  factors' QRs);
+- fit passes: the inputs plus the method's declared fit footprint (plus the base tensor as read
+  for a method that declares ``needs_base``);
+- merge: the inputs plus the method's kernel footprint (and that base tensor, which the pipeline
+  holds with the result); then, with the inputs and the result still held:
+  - model output: the base tensor as read (and its float32 cast when it is not float32), the
+    densified result of a low-rank merge, the sum, and its cast to the output dtype (the writer
+    hands the tensor's own buffer to the file);
   - adapter output: a dense result's thin SVD to ``output.rank`` (LAPACK's workspace); each
-    module's factors stay until the adapter is written (today the whole ``V^T`` of that SVD,
-    which ``factors.truncated_svd`` slices without copying), and writing copies them twice
+    module's kept factors stay until the adapter is written, and writing copies them twice
     (the scaled ``B`` and safetensors' serialised bytes);
-- model output also writes the base's other tensors: each cast to the output dtype when needed
-  and copied once into the file.
+- model output also writes the base's other tensors: each read, and cast to the output dtype
+  when needed;
+- a method with a fit step in ``core``/``knots`` space keeps every parameter's basis from its
+  first pass until the merge takes it (``space_cache.py``): counted whole from the fit on.
 
-A parameter is read while the previous one's deltas and result are still held (the pipeline's
-generator and the engine's loop variable release them only once the next ones exist), so a read
-costs both parameters. The peak is the largest of these over parameters, plus the adapter
-factors held so far. The Python and torch runtime itself (about 150 MiB) is not counted, nor
-allocator slack: glibc keeps freed blocks under its mmap threshold (which grows up to 32 MiB)
-in its heap, so merges of tensors smaller than that can sit above the prediction.
+The pipeline's loops and the engine drop a parameter's deltas and result (their loop variables
+are deleted) before the next parameter is read, so parameters do not overlap. The peak is the
+largest of these over parameters, plus the adapter factors held so far. The Python and torch
+runtime itself (about 150 MiB) is not counted. The allocator's slack is small because the
+engine fixes glibc's mmap threshold at 1 MiB (:func:`starmerge.memory.bounded_allocator`):
+freed tensors go back to the system at once.
 """
 
 from __future__ import annotations
@@ -109,26 +114,23 @@ def peak_bytes(
         ...              OutputModel("model", base={"w": (1024 * 1024, 4, True)})) // 2**20
         20
     """
-    peak, held = 0.0, 0.0
-    prev = _Parts(0, 0, 0, None, 0, 0, 0)
+    cached = _space_cache_bytes(method, keys, space)
+    peak, held = 0.0, cached
     for name, key in keys.items():
-        base = (output.base or {}).get(name)
-        base_cast = base is not None and base[1] != F32  # added to the merge in float32
-        p = _parts(method, params, n_tasks, key, output, space, base_cast, base)
-        # The pipeline reads a parameter while the previous one's deltas and result are held.
-        read = prev.inputs + prev.kept + p.inputs + p.reading
-        merge = max(read, prev.kept + p.inputs + p.kernel, p.inputs + p.kept + p.write)
+        p = _parts(method, params, n_tasks, key, output, space, (output.base or {}).get(name))
+        # The pipeline and the engine drop a parameter's buffers before the next one is read.
+        read = p.inputs + p.reading
+        merge = max(read, p.inputs + p.kernel, p.inputs + p.kept + p.write)
         if p.fit is not None:
-            peak = max(peak, prev.inputs + p.inputs + p.reading, p.inputs + p.fit)
+            peak = max(peak, cached + max(read, p.inputs + p.fit))
         peak = max(peak, held + merge)
         held += p.retained
-        prev = p
     if output.format == "adapter":
         peak = max(peak, held + 2 * _stored_bytes(keys, n_tasks, method, params, output, space))
     for numel, itemsize, merged in (output.base or {}).values():
-        if not merged:  # copied through: read into memory, cast when the dtype changes, written
-            out = numel * output.itemsize
-            peak = max(peak, numel * itemsize + (0 if itemsize == output.itemsize else out))
+        if not merged:  # copied through: read, and cast when the dtype changes
+            cast = numel * output.itemsize if itemsize != output.itemsize else 0
+            peak = max(peak, numel * itemsize + cast)
     return int(peak)
 
 
@@ -145,9 +147,10 @@ def _case(
         return coords, coords.copies(n_tasks) + basis, 0.0
     if key.lora_rank and "lowrank" in method.accepts and full.matrix:
         return MemoryCase(n_tasks, key.shape, key.lora_rank, params), 0.0, 0.0
-    if key.lora_rank:  # densified per task: the product, then its scaled copy
-        return full, full.copies(n_tasks), full.copies(1)
-    return full, full.copies(n_tasks), full.copies(2 if key.cast else 0)
+    if key.lora_rank:  # densified per task: the product, scaled in place
+        return full, full.copies(n_tasks), 0.0
+    # A full fine-tune: both tensors read into new buffers (and cast), then subtracted.
+    return full, full.copies(n_tasks), full.copies(3 if key.cast else 2)
 
 
 def _parts(
@@ -157,29 +160,44 @@ def _parts(
     key: KeyInputs,
     output: OutputModel,
     space: str,
-    base_cast: bool,
-    base: tuple[int, int, bool] | None = None,
+    base: tuple[int, int, bool] | None,
 ) -> _Parts:
     case, inputs, reading = _case(method, params, n_tasks, key, space)
     foot = (method.memory or default_footprint)(case)
-    fit = None if method.fit is None else foot.fit
     full = MemoryCase(n_tasks, key.shape)
+    read_base = full.copies(1) if base is None else base[0] * base[1]  # the base tensor as read
+    given = read_base if method.needs_base else 0.0  # handed to the kernel and the fitter
+    kernel = foot.kernel + given
+    fit = None if method.fit is None else foot.fit + given
     lowrank_result = bool(key.lora_rank) and (space != "full" or method.exact_lowrank(params))
     result = MemoryCase(n_tasks, key.shape, key.lora_rank).factors(1) if lowrank_result else 0
     artifacts = _artifact_bytes(method, key.shape, n_tasks)
-    kept = (result or full.copies(1)) + artifacts
-    if output.format == "model":  # the base as read, its float32 copy, the sum, the file's bytes
-        out = full.numel * output.itemsize
-        read = full.numel * (base[1] if base is not None else F32)  # positioned read: anonymous
-        densify = full.copies(2 if lowrank_result else 1) + full.copies(1 if base_cast else 0)
-        densify += read
-        write = max(densify, full.copies(1) + max(out, artifacts), 2 * out)
-        return _Parts(inputs, reading, foot.kernel, fit, kept, write, 0.0)
+    kept = (result or full.copies(1)) + artifacts + given  # the pipeline holds its base too
+    if output.format == "model":  # the base as read (and cast), the sum, its cast for the file
+        cast_out = full.numel * output.itemsize if output.itemsize != F32 else 0.0
+        cast = base is not None and base[1] != F32  # added to the merge in float32
+        densify = (
+            read_base + full.copies(2 if lowrank_result else 1) + full.copies(1 if cast else 0)
+        )
+        write = max(densify, full.copies(1) + cast_out)
+        return _Parts(inputs, reading, kernel, fit, kept, write, 0.0)
     if lowrank_result:
-        return _Parts(inputs, reading, foot.kernel, fit, kept, result, result)
+        return _Parts(inputs, reading, kernel, fit, kept, result, result)
     m, n = full.dims
-    k, rank = min(m, n), min(output.rank or 0, min(m, n))
-    return _Parts(inputs, reading, foot.kernel, fit, kept, full.svd(F32), F32 * (m * rank + k * n))
+    rank = min(output.rank or 0, m, n)  # truncated_svd keeps copies of the kept factors only
+    return _Parts(inputs, reading, kernel, fit, kept, full.svd(F32), F32 * (m + n) * rank)
+
+
+def _space_cache_bytes(method: Method, keys: Mapping[str, KeyInputs], space: str) -> float:
+    """The bases a fit step's first pass keeps for the merge: R x R float64 blocks per key."""
+    if space == "full" or method.fit is None:
+        return 0.0
+    blocks = 4 if space == "core" else 2
+    return sum(
+        blocks * key.lora_rank**2 * F64
+        for key in keys.values()
+        if key.lora_rank and len(key.shape) == 2
+    )
 
 
 def _stored_bytes(

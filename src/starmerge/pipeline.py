@@ -133,6 +133,7 @@ def fit_state(
                 continue  # every task is zero here: no coordinate to see
             with one_thread(projection is not None):  # coordinates: small factor work
                 fitter.observe(key, deltas, **_base_args(method, base, key, device))
+            del projection, deltas  # freed before the next parameter is read
         if not fitter.end_pass():
             return fitter.state() if cache is None else SpaceState(fitter.state(), cache)
 
@@ -195,6 +196,7 @@ def merge_params(
         _check_finite(method, params, key, merged.delta)
         artifacts = {name: t.cpu() for name, t in merged.artifacts.items()}
         yield key, Merged(_to_device(merged.delta, "cpu"), merged.stats, artifacts)
+        del projection, deltas, kwargs, merged, artifacts  # freed before the next read
 
 
 def _method_inputs(

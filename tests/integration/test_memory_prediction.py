@@ -18,10 +18,11 @@ merges 3 tasks of a model without the 1024 x 2048 matrix):
   is dense; an exact low-rank merge into an adapter holds a few MiB of factors, below the
   runtime's noise, so it is not measured).
 
-The child sets ``MALLOC_MMAP_THRESHOLD_`` to 64 KiB: glibc maps (and at free unmaps) every block
-above the threshold, which grows up to 32 MiB as blocks are freed; a real model's tensors are
-above that, so they are mapped anyway, while this test's 4-8 MiB tensors would otherwise land in
-the heap, whose freed pages stay resident and would be counted as if they were in use.
+The child runs without ``MALLOC_MMAP_THRESHOLD_``: the engine fixes glibc's mmap threshold at
+1 MiB itself (``memory.bounded_allocator``), so this test's 4-8 MiB tensors are mapped and their
+pages given back when freed, instead of landing in the heap, whose freed pages stay resident
+(glibc's threshold otherwise grows to 32 MiB as blocks are freed). The child calls it once
+before it builds its inputs, as a fresh ``starmerge merge`` process does before its merge.
 
 The default run measures a fast subset (TIES, STAR, TSV-M, DARE-TIES and MaTS); every method in
 every applicable form is ``slow`` (about 3 minutes on 2 cores).
@@ -45,7 +46,7 @@ from tests.unit.data_fixtures import statistics_from_deltas
 
 from starmerge.api import merge
 from starmerge.config import parse_config
-from starmerge.memory import PeakMemory, rss_anon_bytes
+from starmerge.memory import PeakMemory, bounded_allocator, rss_anon_bytes
 from starmerge.methods import METHODS
 from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.task_arithmetic import task_arithmetic
@@ -105,9 +106,8 @@ def _run_child(
     """Measure ``cases`` in one child process; ``{case id: {"measured", "predicted"}}``."""
     spec = tmp / "cases.json"
     spec.write_text(json.dumps({"cases": cases, "shapes": shapes, "tasks": n_tasks}))
-    env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
+    env = {  # glibc's own allocator: the engine fixes its mmap threshold itself
+        **{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"},
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     run = subprocess.run(
@@ -165,7 +165,7 @@ def test_prediction_counts_the_declared_footprint(tmp_path, register_test_method
     }
     one = 64 * 32 * 4  # one float32 copy of the parameter
     assert predicted["hungry_sum"] == 102 * one
-    # Task arithmetic's peak is its write: the inputs, its result, the sum and the file's bytes.
+    # Task arithmetic's peak is its write: the inputs, its result, the base as read and the sum.
     assert predicted["task_arithmetic"] == 2 * one + 3 * one
 
 
@@ -258,6 +258,10 @@ def _child(spec_path: Path, tmp: Path) -> None:
     cases, n_tasks = spec["cases"], spec["tasks"]
     shapes = {k: tuple(v) for k, v in spec["shapes"].items()}
     torch.set_num_threads(1)  # one sampler thread keeps up; memory does not depend on threads
+    # The engine sets the allocator at its start; a `starmerge merge` process has allocated
+    # little before that, while this one builds its inputs first: their freed heap blocks
+    # would be reused by the merges (and stay resident), so set it before they exist.
+    bounded_allocator()
     data = any(METHODS.get(name).data is not None for name, _, _ in cases)
     small = {k: tuple(min(d, 64) for d in shape) for k, shape in shapes.items()}
     warm = _write_inputs(tmp / "warm", n_tasks, small, data)

@@ -102,7 +102,9 @@ def _della(method: str, deltas: Sequence[Delta], params: Mapping[str, Any], cons
     params=gta_params(normalize=True, rescale=True, extra=_EPSILON),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
-    memory=gta_memory(consensus=True, sparsify=5),
+    # sparsify: |tau|, the int64 order and ranks (2 P each) and the stable sort's int64 buffers:
+    # 7 P at its peak, measured (tests/integration/test_memory_prediction.py)
+    memory=gta_memory(consensus=True, sparsify=7),
 )
 def della(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DELLA: magnitude-ranked random drop, rescale, TIES' sign consensus (mergekit della).
@@ -127,7 +129,7 @@ def della(deltas: Sequence[Delta], **params: Any) -> Merged:
     params=gta_params(normalize=False, rescale=True, extra=_EPSILON),
     accepts=("dense", "lowrank"),
     paper=_PAPER,
-    memory=gta_memory(consensus=False, sparsify=5),
+    memory=gta_memory(consensus=False, sparsify=7),  # as della's sparsifier
 )
 def della_linear(deltas: Sequence[Delta], **params: Any) -> Merged:
     """DELLA without sign consensus: magnitude-ranked drop, rescale, weighted sum.

@@ -166,7 +166,7 @@ def gta_memory(*, consensus: bool, sparsify: float) -> MemoryModel:
 
     Tasks stream through one buffer each: a LoRA task's densified copy (1), the sparsifier's
     temporaries and result when some density is below 1 (``sparsify`` copies: DARE's draws
-    and mask 2, the argsorts of Breadcrumbs and DELLA 5), the weighted copy when a
+    and mask 2, the argsorts of Breadcrumbs 5 and of DELLA 7), the weighted copy when a
     weight is not 1 (1), a temporary for the rescale or the vote (1), a flag (0.25); then the
     sum (1), or with sign consensus the vote's sum, positive and negative parts (3) and its
     counts (0.5 as uint8 for unit weights, else 2).
