@@ -109,6 +109,8 @@ def _run_child(
     env = {  # glibc's own allocator: the engine fixes its mmap threshold itself
         **{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"},
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        # as `starmerge` sets it unless the user did (memory.prefer_huge_pages)
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
     }
     run = subprocess.run(
         [sys.executable, __file__, str(spec), str(tmp)], env=env, capture_output=True, text=True

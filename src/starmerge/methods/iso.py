@@ -190,10 +190,12 @@ def _iso_cts_memory(case: MemoryCase) -> Footprint:
     """Iso-CTS's memory: S's SVD, each residual's SVD and the polar factors (float64).
 
     Dense: per task the residual's U and V^T stay (sliced views), with one SVD's workspace and
-    the polar factors' (fitted: 20 k^2 + 6 m n floats); LoRA: the factors' QRs and cores.
+    the polar factors' (fitted: 20 k^2 + 6 m n floats). LoRA, in float64 copies of the stacked
+    factors: the sum's U and V^T (1), every task's residual U and V^T (1 together), their
+    concatenation (1), the two polar factors with their SVDs (3) and the scaled B (0.5).
     """
     if case.lowrank:
-        return Footprint(case.factors(5, F64))
+        return Footprint(case.factors(6.5, F64))
     if not case.matrix:
         return Footprint(case.copies(2))
     m, n = case.dims
