@@ -152,8 +152,8 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     device = first.b.device
     bs = [blk[0] for blk in blocks if blk is not None] or [torch.zeros(m, 0, device=device)]
     as_ = [blk[1] for blk in blocks if blk is not None] or [torch.zeros(0, n, device=device)]
-    b_cat = torch.cat([x.to(torch.float64) for x in bs], dim=1) / n_tasks  # (m, sum k)
-    a_cat = torch.cat([x.to(torch.float64) for x in as_], dim=0)  # (sum k, n)
+    b_cat = torch.cat(bs, dim=1).div_(n_tasks)  # (m, sum k), in the factors' precision
+    a_cat = torch.cat(as_, dim=0)  # (sum k, n)
     merged = LowRank(b_cat.to(first.dtype), a_cat.to(first.dtype), 1.0)
     return Merged(merged, {"kept_ranks": kept})
 
