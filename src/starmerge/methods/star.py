@@ -48,7 +48,7 @@ from starmerge.methods.base import Merged, Param, in_range, register_method
 from starmerge.methods.contract import Separable
 from starmerge.methods.footprint import F32, F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
-from starmerge.tensors.spectral import star_dense, star_factored
+from starmerge.tensors.spectral import numerical_rtol, star_dense, star_factored, star_maps
 
 _SMALL = 1 << 16  # matrices with at most this many entries use a float64 SVD
 
@@ -135,21 +135,32 @@ def star(deltas: Sequence[Delta], *, eta: float = 40.0) -> Merged:
 
 
 def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
-    """Factor-space STAR, batched over tasks of equal rank; the average is a concatenation."""
+    """Factor-space STAR, batched over tasks of equal rank; the average is a concatenation.
+
+    The float64 stacks of each group are filled from the tasks' factors in one pass, and the
+    maps of :func:`star_maps` are applied to each task's own factors for its kept columns only.
+    """
     n_tasks, first = len(deltas), deltas[0]
+    (m, n), device = first.shape, first.b.device
+    apply = torch.float64 if first.dtype == torch.float64 else torch.float32
+    rtol = numerical_rtol((m, n), first.dtype)
     kept: list[int] = [0] * n_tasks
     blocks: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_tasks
     for rank in sorted({d.rank for d in deltas if d.rank > 0}):
         group = [t for t, d in enumerate(deltas) if d.rank == rank]
-        b = torch.stack([deltas[t].b for t in group])  # (g, m, r)
-        a = torch.stack([deltas[t].a for t in group])  # (g, r, n)
-        scales = torch.tensor([float(deltas[t].scale) for t in group], dtype=torch.float64)
-        b_hat, a_hat, k = star_factored(b, a, scales, eta)
+        b64 = torch.empty(len(group), m, rank, dtype=torch.float64, device=device)
+        a64 = torch.empty(len(group), rank, n, dtype=torch.float64, device=device)
         for i, t in enumerate(group):
-            kept[t] = int(k[i])
-            blocks[t] = (b_hat[i, :, : kept[t]], a_hat[i, : kept[t]])
-    m, n = first.shape
-    device = first.b.device
+            b64[i].copy_(deltas[t].b)
+            a64[i].copy_(deltas[t].a)
+        scales = torch.tensor([float(deltas[t].scale) for t in group], dtype=torch.float64)
+        left, left_small, right, right_small, k = star_maps(b64, a64, scales, eta, rtol)
+        del b64, a64
+        for i, t in enumerate(group):
+            kept[t] = c = int(k[i])
+            b = deltas[t].b.to(apply) @ left[i, :, :c].to(apply) if left_small else left[i, :, :c]
+            a = right[i, :c].to(apply) @ deltas[t].a.to(apply) if right_small else right[i, :c]
+            blocks[t] = (b.to(apply), a.to(apply))
     bs = [blk[0] for blk in blocks if blk is not None] or [torch.zeros(m, 0, device=device)]
     as_ = [blk[1] for blk in blocks if blk is not None] or [torch.zeros(0, n, device=device)]
     b_cat = torch.cat(bs, dim=1).div_(n_tasks)  # (m, sum k), in the factors' precision

@@ -74,10 +74,11 @@ def star_factored(
     With ``b = Q_B R_B`` and ``a^T = Q_A R_A``, ``delta = Q_B (scale R_B R_A^T) Q_A^T``; the SVD
     of the small core ``C = U_c diag(s) V_c^T`` is then the exact thin SVD of delta (the other
     singular values are exactly 0). The Grams, eigendecompositions and the core's SVD run in
-    float64 (O((m + n) r^2) work on the factors); ``Q`` is never formed: for the usual
-    well-conditioned factor ``Q_B = b F`` with a small ``F`` (:func:`factor_transform`), so
-    ``b_hat = b (F U_c s~)`` and ``a_hat = (V_c^T G^T) a`` are one GEMM each, in the factors'
-    own precision (float32; float64 kept), with the r x r products folded first.
+    float64 (O((m + n) r^2) work on the factors, :func:`star_maps`); ``Q`` is never formed: for
+    the usual well-conditioned factor ``Q_B = b F`` with a small ``F``
+    (:func:`factor_transform`), so ``b_hat = b (F U_c s~)`` and ``a_hat = (V_c^T G^T) a`` are
+    one GEMM each, in the factors' own precision (float32; float64 kept), with the r x r
+    products folded first.
 
     Args:
         b: ``(T, m, r)`` left factors.
@@ -89,24 +90,44 @@ def star_factored(
         ``(b_hat (T, m, c), a_hat (T, c, n), k (T,))`` with ``b_hat_t[:, :k_t] @ a_hat_t[:k_t]``
         the truncated, rescaled delta (columns beyond ``k_t`` are zero in ``b_hat``).
     """
-    rtol = numerical_rtol((b.shape[1], a.shape[2]), b.dtype)
     apply = torch.float64 if b.dtype == torch.float64 else torch.float32
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    fb, r_b = factor_transform(b64)  # Q_B = b64 @ fb (None: Householder QR), (T, p, r)
+    rtol = numerical_rtol((b.shape[1], a.shape[2]), b.dtype)
+    maps = star_maps(b.to(torch.float64), a.to(torch.float64), scales, eta, rtol)
+    left, left_small, right, right_small, k = maps
+    b_hat = b.to(apply) @ left.to(apply) if left_small else left
+    a_hat = right.to(apply) @ a.to(apply) if right_small else right
+    return b_hat, a_hat, k
+
+
+StarMaps = tuple[Tensor, bool, Tensor, bool, Tensor]
+
+
+def star_maps(b64: Tensor, a64: Tensor, scales: Tensor, eta: float, rtol: float) -> StarMaps:
+    """STAR's truncated, rescaled factors of ``scale_t * b_t @ a_t`` as maps of the factors.
+
+    Returns ``(left, left_small, right, right_small, k)``: when ``left_small``, ``left`` is a
+    ``(T, r, c)`` float64 matrix and ``b_hat_t = b_t @ left_t`` (the Gram route); otherwise
+    ``left`` is ``b_hat`` ``(T, m, c)`` itself (the QR route). Likewise ``a_hat_t =
+    right_t @ a_t`` ``(T, c, r)`` when ``right_small``, else ``right`` is ``a_hat``. A caller
+    applies them to the factors in their own precision, to the kept columns only if it likes.
+
+    Args:
+        b64: ``(T, m, r)`` left factors in float64.
+        a64: ``(T, r, n)`` right factors in float64.
+        scales: ``(T,)`` LoRA scales.
+        eta: Percentage of the nuclear norm to keep.
+        rtol: The noise cut-off (:func:`numerical_rtol` of the data's dtype).
+    """
+    fb, r_b = factor_transform(b64)  # Q_B = b64 @ fb (a tuple: Householder Q), (T, p, r)
     fa, r_a = factor_transform(a64.mT)  # Q_A = a64^T @ fa
     core = scales.to(b64)[:, None, None] * (r_b @ r_a.mT)  # (T, p, q)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)  # (T, p, c), (T, c), (T, c, q)
     k = eta_ranks(s, eta, rtol)
     left = u_c * rescaled(s, k, rtol)[:, None, :]  # (T, p, c)
-    if isinstance(fb, Tensor):
-        b_hat = b.to(apply) @ (fb @ left).to(apply)  # (T, m, c): one GEMM on the factor
-    else:
-        b_hat = fb[0] @ left
-    if isinstance(fa, Tensor):
-        a_hat = (vh_c @ fa.mT).to(apply) @ a.to(apply)  # (T, c, n) = (Q_A V_c)^T
-    else:
-        a_hat = vh_c @ fa[0].mT
-    return b_hat, a_hat, k
+    b_small, a_small = isinstance(fb, Tensor), isinstance(fa, Tensor)
+    left = fb @ left if b_small else fb[0] @ left  # (T, r, c) or b_hat (T, m, c)
+    right = vh_c @ (fa if a_small else fa[0]).mT  # (T, c, r) or a_hat (T, c, n) = (Q_A V_c)^T
+    return left, b_small, right, a_small, k
 
 
 def factor_transform(x: Tensor) -> tuple[Tensor | tuple[Tensor], Tensor]:
