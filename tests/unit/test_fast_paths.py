@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from starmerge.io.adapter import all_finite
+from starmerge.methods.star import star
 from starmerge.tensors.delta import LowRank
 from starmerge.tensors.spectral import orthonormal_factor, star_factored
 
@@ -35,6 +36,12 @@ def test_star_exact_when_factors_have_opposite_tiny_directions():
     b_hat, a_hat, k = star_factored(b, a, torch.ones(1), 100.0)
     merged = LowRank(b_hat[0, :, : int(k[0])], a_hat[0, : int(k[0])])
     torch.testing.assert_close(merged.to_dense(torch.float64), b[0] @ a[0], rtol=1e-10, atol=0)
+    # The merge's own path (blocked Grams, Householder QR only for the ill-conditioned group)
+    # gives the same matrix, beside a well-conditioned task of another rank.
+    well = LowRank(torch.randn(2, 1, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64))
+    out = star([LowRank(b[0], a[0]), well], eta=100.0)
+    want = (b[0] @ a[0] + well.to_dense(torch.float64)) / 2
+    torch.testing.assert_close(out.delta.to_dense(torch.float64), want, rtol=1e-10, atol=0)
 
 
 def test_all_finite_matches_isfinite():

@@ -48,7 +48,16 @@ from starmerge.methods.base import Merged, Param, in_range, register_method
 from starmerge.methods.contract import Separable
 from starmerge.methods.footprint import F32, F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
-from starmerge.tensors.spectral import numerical_rtol, star_dense, star_factored, star_maps
+from starmerge.tensors.spectral import (
+    Side,
+    factor_transform,
+    gram_factor,
+    gram_into,
+    numerical_rtol,
+    star_dense,
+    star_factored,
+    star_maps,
+)
 
 _SMALL = 1 << 16  # matrices with at most this many entries use a float64 SVD
 
@@ -137,8 +146,10 @@ def star(deltas: Sequence[Delta], *, eta: float = 40.0) -> Merged:
 def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     """Factor-space STAR, batched over tasks of equal rank; the average is a concatenation.
 
-    The float64 stacks of each group are filled from the tasks' factors in one pass, and the
-    maps of :func:`star_maps` are applied to each task's own factors for its kept columns only.
+    Each factor's Gram is accumulated in float64 from the factor itself by cache-sized blocks
+    (:func:`gram_into`); float64 stacks of the group are formed only when some factor is ill
+    conditioned (Householder QR). The maps of :func:`star_maps` are applied to each task's own
+    factors for its kept columns only.
     """
     n_tasks, first = len(deltas), deltas[0]
     (m, n), device = first.shape, first.b.device
@@ -147,16 +158,13 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     kept: list[int] = [0] * n_tasks
     blocks: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_tasks
     for rank in sorted({d.rank for d in deltas if d.rank > 0}):
-        group = [t for t, d in enumerate(deltas) if d.rank == rank]
-        b64 = torch.empty(len(group), m, rank, dtype=torch.float64, device=device)
-        a64 = torch.empty(len(group), rank, n, dtype=torch.float64, device=device)
-        for i, t in enumerate(group):
-            b64[i].copy_(deltas[t].b)
-            a64[i].copy_(deltas[t].a)
-        scales = torch.tensor([float(deltas[t].scale) for t in group], dtype=torch.float64)
-        left, left_small, right, right_small, k = star_maps(b64, a64, scales, eta, rtol)
-        del b64, a64
-        for i, t in enumerate(group):
+        tasks = [t for t, d in enumerate(deltas) if d.rank == rank]
+        group = [deltas[t] for t in tasks]
+        side_b = _side([d.b for d in group], rank, device)
+        side_a = _side([d.a.mT for d in group], rank, device)
+        scales = torch.tensor([float(d.scale) for d in group], dtype=torch.float64)
+        left, left_small, right, right_small, k = star_maps(side_b, side_a, scales, eta, rtol)
+        for i, t in enumerate(tasks):
             kept[t] = c = int(k[i])
             b = deltas[t].b.to(apply) @ left[i, :, :c].to(apply) if left_small else left[i, :, :c]
             a = right[i, :c].to(apply) @ deltas[t].a.to(apply) if right_small else right[i, :c]
@@ -167,6 +175,22 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     a_cat = torch.cat(as_, dim=0)  # (sum k, n)
     merged = LowRank(b_cat.to(first.dtype), a_cat.to(first.dtype), 1.0)
     return Merged(merged, {"kept_ranks": kept})
+
+
+def _side(factors: Sequence[torch.Tensor], rank: int, device: torch.device) -> Side:
+    """:func:`factor_transform` of the stacked tall factors ``(T, m, r)``, from blocked Grams."""
+    grams = torch.empty(len(factors), rank, rank, dtype=torch.float64, device=device)
+    step = max(1, min(factors[0].shape[0], _GRAM_BLOCK // rank))
+    buf = torch.empty(step, rank, dtype=torch.float64, device=device)
+    for i, x in enumerate(factors):
+        gram_into(x, grams[i], buf)
+    found = gram_factor(grams)
+    if found is not None:
+        return found
+    return factor_transform(torch.stack([x.to(torch.float64) for x in factors]))
+
+
+_GRAM_BLOCK = 1 << 15  # float64 entries per Gram block: 256 KiB, within a core's L2 cache
 
 
 def _star_dense(deltas: Sequence[Delta], eta: float) -> Merged:

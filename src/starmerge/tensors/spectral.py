@@ -92,17 +92,19 @@ def star_factored(
     """
     apply = torch.float64 if b.dtype == torch.float64 else torch.float32
     rtol = numerical_rtol((b.shape[1], a.shape[2]), b.dtype)
-    maps = star_maps(b.to(torch.float64), a.to(torch.float64), scales, eta, rtol)
-    left, left_small, right, right_small, k = maps
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    sides = factor_transform(b64), factor_transform(a64.mT)
+    left, left_small, right, right_small, k = star_maps(*sides, scales, eta, rtol)
     b_hat = b.to(apply) @ left.to(apply) if left_small else left
     a_hat = right.to(apply) @ a.to(apply) if right_small else right
     return b_hat, a_hat, k
 
 
 StarMaps = tuple[Tensor, bool, Tensor, bool, Tensor]
+Side = tuple[Tensor | tuple[Tensor], Tensor]  # factor_transform's (F or (Q,), R)
 
 
-def star_maps(b64: Tensor, a64: Tensor, scales: Tensor, eta: float, rtol: float) -> StarMaps:
+def star_maps(side_b: Side, side_a: Side, scales: Tensor, eta: float, rtol: float) -> StarMaps:
     """STAR's truncated, rescaled factors of ``scale_t * b_t @ a_t`` as maps of the factors.
 
     Returns ``(left, left_small, right, right_small, k)``: when ``left_small``, ``left`` is a
@@ -112,15 +114,14 @@ def star_maps(b64: Tensor, a64: Tensor, scales: Tensor, eta: float, rtol: float)
     applies them to the factors in their own precision, to the kept columns only if it likes.
 
     Args:
-        b64: ``(T, m, r)`` left factors in float64.
-        a64: ``(T, r, n)`` right factors in float64.
+        side_b: :func:`factor_transform` of the ``(T, m, r)`` left factors (float64).
+        side_a: :func:`factor_transform` of the transposed right factors ``(T, n, r)``.
         scales: ``(T,)`` LoRA scales.
         eta: Percentage of the nuclear norm to keep.
         rtol: The noise cut-off (:func:`numerical_rtol` of the data's dtype).
     """
-    fb, r_b = factor_transform(b64)  # Q_B = b64 @ fb (a tuple: Householder Q), (T, p, r)
-    fa, r_a = factor_transform(a64.mT)  # Q_A = a64^T @ fa
-    core = scales.to(b64)[:, None, None] * (r_b @ r_a.mT)  # (T, p, q)
+    (fb, r_b), (fa, r_a) = side_b, side_a  # Q_B = b64 @ fb (a tuple: Householder Q), (T, p, r)
+    core = scales.to(r_b)[:, None, None] * (r_b @ r_a.mT)  # (T, p, q)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)  # (T, p, c), (T, c), (T, c, q)
     k = eta_ranks(s, eta, rtol)
     left = u_c * rescaled(s, k, rtol)[:, None, :]  # (T, p, c)
@@ -130,20 +131,44 @@ def star_maps(b64: Tensor, a64: Tensor, scales: Tensor, eta: float, rtol: float)
     return left, b_small, right, a_small, k
 
 
-def factor_transform(x: Tensor) -> tuple[Tensor | tuple[Tensor], Tensor]:
+def factor_transform(x: Tensor) -> Side:
     """``x = Q R`` with orthonormal ``Q``, given as ``Q = x @ F`` when ``x`` is well conditioned.
 
     Returns ``(F, R)`` on the Gram route (see :func:`orthonormal_factor`), else ``((Q,), R)``
     from Householder QR (a 1-tuple, so callers tell the two apart).
     """
-    gram = x.mT @ x  # (T, r, r)
+    found = gram_factor(x.mT @ x)  # (T, r, r)
+    if found is not None:
+        return found
+    q, r = torch.linalg.qr(x)
+    return (q,), r
+
+
+def gram_factor(gram: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(F, R)`` with ``x = (x F) R``, ``x F`` orthonormal, from ``gram = x^T x`` ``(T, r, r)``.
+
+    None when some member is not well conditioned (then only Householder QR of ``x`` is exact).
+    """
     eig, w = torch.linalg.eigh(gram)  # ascending
     top = eig[..., -1]
     if bool(((top > 0) & (eig[..., 0] > top * _GRAM_MIN_EIG_RATIO)).all()):
         root = eig.sqrt()  # (T, r)
         return w / root[..., None, :], root[..., :, None] * w.mT
-    q, r = torch.linalg.qr(x)
-    return (q,), r
+    return None
+
+
+def gram_into(x: Tensor, out: Tensor, buf: Tensor) -> Tensor:
+    """``out = x^T x`` in float64 for a tall ``x`` ``(m, r)`` of any float dtype, by row blocks.
+
+    Each block is rounded into ``buf`` ``(step, r)`` float64, which stays in cache, so no
+    float64 copy of ``x`` is ever written to memory (the same Gram as ``x64^T x64``).
+    """
+    out.zero_()
+    step = buf.shape[0]
+    for i in range(0, x.shape[0], step):
+        block = buf[: min(step, x.shape[0] - i)].copy_(x[i : i + step])
+        out.addmm_(block.mT, block)
+    return out
 
 
 # Gram route only when every factor's singular values lie within a factor 1e3 of each other:
