@@ -79,10 +79,15 @@ def input_cut(deltas: Sequence[Delta], data: torch.dtype) -> float:
     return numerical_rtol(deltas[0].shape, data) * norm
 
 
-def sum_svd(deltas: Sequence[Delta], lowrank: bool, data: torch.dtype) -> ThinSVD:
-    """Thin SVD of the sum of the task deltas at its numerical rank (float64)."""
+def sum_svd(
+    deltas: Sequence[Delta], lowrank: bool, data: torch.dtype, vectors: torch.dtype = torch.float64
+) -> ThinSVD:
+    """Thin SVD of the sum of the task deltas at its numerical rank (float64).
+
+    ``vectors``: the dtype of U and V^T from LoRA factors (see :func:`factored_sum_svd`).
+    """
     if lowrank:
-        svd = factored_sum_svd(deltas)  # type: ignore[arg-type]
+        svd = factored_sum_svd(deltas, vectors)  # type: ignore[arg-type]
     else:
         total = torch.zeros(deltas[0].shape, dtype=torch.float64, device=deltas[0].device)
         for d in deltas:
@@ -91,7 +96,7 @@ def sum_svd(deltas: Sequence[Delta], lowrank: bool, data: torch.dtype) -> ThinSV
     return above(svd, input_cut(deltas, data))
 
 
-def factored_sum_svd(deltas: Sequence[LowRank]) -> ThinSVD:
+def factored_sum_svd(deltas: Sequence[LowRank], vectors: torch.dtype = torch.float64) -> ThinSVD:
     """Thin SVD of ``sum_t s_t B_t A_t`` at its numerical rank, from the stacked factors (float64).
 
     :func:`~starmerge.tensors.lowrank_svd.lowrank_sum_svd` (same cut-off, same result to float64
@@ -99,6 +104,9 @@ def factored_sum_svd(deltas: Sequence[LowRank]) -> ThinSVD:
     ``B = U_B C_B`` and ``A^T = U_A C_A`` (:func:`~starmerge.tensors.spaces.singular_basis`,
     ``U_B = B M_B`` left unformed) and the SVD ``C_B C_A^T = W diag(s) Z^T`` of the R x R core,
     ``U = B (M_B W)`` and ``V = A^T (M_A Z)``: one tall product per side instead of three.
+    ``vectors=float32`` forms those two products from the float32 factors (float32 GEMMs, half
+    the cost; U and V then orthonormal to float32 rounding), for a caller that only outputs
+    them; the bases, the core and the singular values stay float64.
     """
     m, n = deltas[0].shape
     live = [d for d in deltas if d.rank > 0]
@@ -108,12 +116,17 @@ def factored_sum_svd(deltas: Sequence[LowRank]) -> ThinSVD:
     b = torch.cat([d.b.to(torch.float64) * float(d.scale) for d in live], dim=1)  # (m, R)
     a = torch.cat([d.a.to(torch.float64) for d in live], dim=0)  # (R, n)
     b_base, to_b, c_b = singular_basis(b, 0.0)  # U_B = b_base @ to_b, C_B = U_B^T B
-    a_base, to_a, c_a = singular_basis(a.T, 0.0)
+    a_t = a.T  # (n, R)
+    a_base, to_a, c_a = singular_basis(a_t, 0.0)
     w, s, zh = torch.linalg.svd(c_b @ c_a.T, full_matrices=False)
     top = float(s[0]) if s.numel() else 0.0
     keep = int((s > numerical_rtol((m, n), data) * top).sum()) if top > 0 else 0
-    u = b_base @ (to_b @ w[:, :keep])  # (m, rho)
-    return ThinSVD(u, s[:keep], (a_base @ (to_a @ zh[:keep].T)).T)
+    to_u, to_v = to_b @ w[:, :keep], to_a @ zh[:keep].T  # (R, rho): U = b_base @ to_u
+    if vectors == torch.float32 and b_base is b and a_base is a_t:  # the Gram route, both sides
+        b32 = torch.cat([d.b.to(torch.float32) * float(d.scale) for d in live], dim=1)
+        a32 = torch.cat([d.a.to(torch.float32) for d in live], dim=0)
+        return ThinSVD(b32 @ to_u.to(torch.float32), s[:keep], to_v.T.to(torch.float32) @ a32)
+    return ThinSVD(b_base @ to_u, s[:keep], (a_base @ to_v).T)  # (m, rho), (rho,), (rho, n)
 
 
 def iso_sizes(rho: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -180,7 +193,8 @@ def iso_c(deltas: Sequence[Delta], *, scaling: float = 1.0) -> Merged:
     if len(first.shape) != 2:
         return average(deltas)
     deltas, lowrank = matrix_form(deltas)
-    svd = sum_svd(deltas, lowrank, data_dtype(deltas))
+    data = data_dtype(deltas)
+    svd = sum_svd(deltas, lowrank, data, vectors=data)  # U, V^T are only output
     level = svd.s.mean() * scaling if svd.rank else 0.0
     merged = spectral_result(svd.u * level, svd.vh, lowrank=lowrank, dtype=first.dtype)
     return Merged(merged, {"rank": svd.rank})
