@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     res = run(args.quick, names, not args.no_profile, not args.no_memory, args.reuse_peers)
-    path = C.write_result("spectral_quick" if args.quick else "spectral", res)
+    name = "spectral_quick" if args.quick else "spectral"
+    if set(names) != set(CASES):  # a subset never replaces the full run's file
+        name += "_only_" + "_".join(sorted(set(names)))
+    path = C.write_result(name, res)
     print("\n".join(summary_lines(res)))
     print(f"-> {path}")
     return 0
