@@ -158,6 +158,7 @@ def _write_model(plan: Plan, state: Any, tmp: Path, device: str, progress: bool)
         if key in plan.shapes:
             merged_key, result = next(merged)
             assert merged_key == key  # merge_params follows the given key order
+            trim_heap()  # the kernel's freed small blocks, before the write's buffers exist
             # The base tensor is read (into a new buffer) only now, not held during the merge.
             weight = base.get(key).to(torch.float32) + result.delta.to_dense(torch.float32)
             per_param[key] = dict(result.stats)
