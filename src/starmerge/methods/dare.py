@@ -40,6 +40,7 @@ from starmerge.methods.generalized_ta import (
     task_uniform,
 )
 from starmerge.tensors.delta import Delta
+from starmerge.tensors.sparsify import random_keep
 from starmerge.tensors.vote import Scratch
 
 _PAPER = "https://arxiv.org/abs/2311.03099"
@@ -48,17 +49,13 @@ _PAPER = "https://arxiv.org/abs/2311.03099"
 def dare_sparsify(tau: Tensor, delta: Delta, own: Mapping[str, Any], scratch: Scratch) -> Tensor:
     """DARE's random drop of one task: keep each entry with probability ``own["density"]``.
 
-    :func:`~starmerge.tensors.sparsify.random_keep` (``tau * (u < density)``) with the flags
-    and the result in ``scratch`` buffers (``flag_b``, ``kept``): the same numbers.
+    The comparison and the result go to ``scratch`` buffers (``flag_b``, ``kept``).
     """
     density = own["density"]
     if density >= 1:
         return tau
-    keep = torch.lt(
-        task_uniform(delta, own["seed"]), density, out=scratch.get("flag_b", torch.bool)
-    )
-    mask = scratch.get("kept").copy_(keep)  # a float mask: torch's fast path (bool * float is not)
-    return torch.mul(tau, mask, out=mask)
+    flag, out = scratch.get("flag_b", torch.bool), scratch.get("kept")
+    return random_keep(tau, density, task_uniform(delta, own["seed"]), flag, out)
 
 
 @register_method(

@@ -67,7 +67,7 @@ from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.generalized_ta import number_list, per_model
 from starmerge.tensors.delta import Delta, Dense
 from starmerge.tensors.select import kth_largest
-from starmerge.tensors.sparsify import RadixSelect, keep_count, l1_rescaled
+from starmerge.tensors.sparsify import RadixSelect, keep_count, l1_rescale_
 from starmerge.tensors.threads import one_thread
 from starmerge.tensors.vote import Scratch, SignVote, dense_into, trim_into
 
@@ -182,10 +182,11 @@ def _memory(case: MemoryCase) -> Footprint:
 
     Kernel: a trimmed task, the vote's total, pos, neg and temporary (5 float32), two flags and
     two uint8 counts (1), selection candidates (0.25); float counts for weights other than 1
-    (+1.5); the L1 rescale's copies (+3). Fit: |x|, its bits.
+    (+1.5); the L1 rescale works in the trimmed buffer and the vote's temporary (+0). Fit: |x|,
+    its bits.
     """
     weights = case.params.get("weights") or []
-    extra = (1.5 if any(w != 1 for w in weights) else 0) + (3 if case.params.get("rescale") else 0)
+    extra = 1.5 if any(w != 1 for w in weights) else 0
     return Footprint(case.copies(6.25 + extra), case.copies(2.5) + case.n_tasks * 2**19)
 
 
@@ -265,8 +266,8 @@ def ties(
             tau = dense_into(delta, scratch.get("tau"))  # (...) float32
             thr = _local_threshold(tau, ds[t], scratch) if local else state.thresholds[t]
             trimmed = trim_into(tau, thr, scratch.get("trimmed"))  # Trim
-            if rescale:
-                trimmed = l1_rescaled(tau, trimmed)
+            if rescale:  # in place on the trimmed buffer; |entries| go to the vote's temporary
+                trimmed = l1_rescale_(tau, trimmed, scratch.get("tmp"))
             if ws[t] != 1.0:
                 trimmed.mul_(ws[t])
             kept += vote.add(trimmed, ws[t])  # Elect Sign and Disjoint Merge, accumulated

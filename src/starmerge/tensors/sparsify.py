@@ -167,27 +167,16 @@ def kth_largest_abs_local(x: Tensor, keep: int) -> float | None:
 _RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale below this L1 norm
 
 
-def l1_rescaled(x: Tensor, masked: Tensor) -> Tensor:
-    """``masked * (||x||_1 / ||masked||_1)``, mergekit's ``rescale`` (``RescaleNorm.l1``).
+def l1_rescale_(x: Tensor, masked: Tensor, tmp: Tensor) -> Tensor:
+    """``masked *= ||x||_1 / ||masked||_1`` in place, mergekit's ``rescale`` (``RescaleNorm.l1``).
 
-    ``masked`` is returned as it is when either L1 norm is below 1e-7 (mergekit's guard), so a
-    zero or all-dropped tensor never divides by zero.
+    ``masked`` is a tensor the caller owns, ``tmp`` a buffer of its shape for the absolute
+    values. ``masked`` is left as it is when either L1 norm is below 1e-7 (mergekit's guard), so
+    a zero or all-dropped tensor never divides by zero.
 
     Example:
-        >>> l1_rescaled(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 3.0]))
+        >>> l1_rescale_(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 3.0]), torch.empty(2))
         tensor([0., 4.])
-    """
-    before = x.abs().sum()
-    after = masked.abs().sum()
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return masked
-    return masked * (before / after)
-
-
-def l1_rescale_(x: Tensor, masked: Tensor, tmp: Tensor) -> Tensor:
-    """:func:`l1_rescaled` in place on ``masked`` (a tensor the caller owns), ``tmp`` a buffer.
-
-    The same numbers: the norms are the same sums of the same ``|entries|``.
     """
     before = torch.abs(x, out=tmp).sum()
     after = torch.abs(masked, out=tmp).sum()
@@ -196,16 +185,27 @@ def l1_rescale_(x: Tensor, masked: Tensor, tmp: Tensor) -> Tensor:
     return masked.mul_(before / after)
 
 
-def random_keep(x: Tensor, keep_prob: float | Tensor, u: Tensor) -> Tensor:
+def random_keep(
+    x: Tensor,
+    keep_prob: float | Tensor,
+    u: Tensor,
+    flag: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """Keep each entry with probability ``keep_prob`` (where ``u < keep_prob``), else 0.
 
     DARE uses one ``keep_prob`` (its density), DELLA one per entry (its rank's probability).
+    ``flag`` (bool) and ``out`` (``x``'s dtype) are optional buffers of ``x``'s shape for the
+    comparison and the result; the entries are ``x * [u < keep_prob]`` either way (multiplied
+    by a float 0/1 mask: torch's fast path, which a boolean mask is not).
 
     Example:
         >>> random_keep(torch.tensor([1.0, 2.0]), 0.5, torch.tensor([0.2, 0.7]))
         tensor([1., 0.])
     """
-    return x * (u.to(x.device) < keep_prob)
+    keep = torch.lt(u.to(x.device), keep_prob, out=flag)
+    mask = keep.to(x.dtype) if out is None else out.copy_(keep)
+    return torch.mul(x, mask, out=mask)
 
 
 def outlier_trim(x: Tensor, density: float, gamma: float) -> Tensor:
