@@ -7,6 +7,7 @@ and what the engine then executes.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from starmerge.config import ModelSpec, RunConfig, load_config
 from starmerge.errors import ConfigError, InputError, StarmergeError
-from starmerge.io.adapter import load_adapter
+from starmerge.io.adapter import LoraAdapter, load_adapter
 from starmerge.io.checkpoint import TensorIndex
 from starmerge.io.full import FullFineTune
 from starmerge.io.hub import ADAPTER_PATTERNS, MODEL_PATTERNS, resolve
@@ -25,7 +26,8 @@ from starmerge.methods.base import Method
 from starmerge.methods.contract import STATISTICS
 from starmerge.paths import with_absolute_paths
 from starmerge.peak_model import KeyInputs, OutputModel, peak_bytes
-from starmerge.tensors.delta import Delta
+from starmerge.tensors.delta import Delta, LowRank
+from starmerge.tensors.threads import split_over_cores
 
 
 @dataclass
@@ -55,8 +57,30 @@ class Plan:
     config_path: Path | None = None
 
     def read(self, key: str) -> list[Delta | None]:
-        """Every task's delta for ``key`` (None for a task that lacks it)."""
-        return [t.source.get(key) if key in t.shapes else None for t in self.tasks]
+        """Every task's delta for ``key`` (None for a task that lacks it).
+
+        Adapters are read on two cores (:func:`split_over_cores`, once the first task's factors
+        show the reads large enough): each factor is read straight into its own tensor, so this
+        holds nothing more at once. A full fine-tune's delta is formed from temporaries, so
+        those are read one task at a time.
+        """
+        out: list[Delta | None] = [None] * len(self.tasks)
+
+        def fill(tasks: Sequence[int]) -> None:
+            for i in tasks:
+                task = self.tasks[i]
+                out[i] = task.source.get(key) if key in task.shapes else None
+
+        fill(range(1))
+        rest = len(self.tasks) - 1
+        if isinstance(out[0], LowRank) and all(
+            isinstance(t.source, LoraAdapter) for t in self.tasks
+        ):
+            entries = (out[0].b.numel() + out[0].a.numel()) * rest
+            split_over_cores(lambda tasks: fill([i + 1 for i in tasks]), rest, entries)
+        else:
+            fill(range(1, len(self.tasks)))
+        return out
 
 
 def make_plan(config: RunConfig, config_path: Path | None = None) -> Plan:

@@ -7,6 +7,7 @@ from starmerge.errors import ConfigError
 from starmerge.methods import METHODS
 from starmerge.methods import star as star_module
 from starmerge.methods.star import star
+from starmerge.tensors import threads
 from starmerge.tensors.delta import Dense, LowRank
 
 
@@ -59,6 +60,26 @@ def test_lowrank_factor_space_matches_float64_dense_svd(eta):
     assert isinstance(merged.delta, LowRank)
     assert merged.delta.rank == sum(ks)
     assert merged.stats == {"kept_ranks": ks}
+    assert rel_err(merged.delta.to_dense(torch.float64), want) < 1e-5
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_lowrank_on_two_threads_matches_float64_dense_svd(split, monkeypatch):
+    """Grams and kept-column products split over two threads give the same merge.
+
+    Mixed ranks (two groups), one rank-deficient factor (that group's QR route) and a zero
+    scale (a task that keeps nothing) cover every branch of the split work.
+    """
+    monkeypatch.setattr(threads, "_cores", lambda: 2)
+    monkeypatch.setattr(threads, "SPLIT_MIN_ENTRIES", 0 if split else 1 << 62)
+    deltas = lowranks(5, ranks=(4, 4, 3, 4, 3, 4), shape=(60, 50))
+    b = deltas[1].b.clone()
+    b[:, 3] = b[:, 0]  # rank 3 of 4: not well conditioned
+    deltas[1] = LowRank(b, deltas[1].a, deltas[1].scale)
+    deltas[4] = LowRank(deltas[4].b, deltas[4].a, 0.0)
+    merged = star(deltas, eta=40.0)
+    want, ks = ref_star([d.to_dense(torch.float64) for d in deltas], 40.0)
+    assert merged.stats == {"kept_ranks": ks} and ks[4] == 0
     assert rel_err(merged.delta.to_dense(torch.float64), want) < 1e-5
 
 

@@ -99,7 +99,7 @@ def write_adapter(
 
 def _peft_factors(delta: LowRank, fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's ``(lora_A (r, in), lora_B (out, r))`` for ``delta``, the scale folded into B."""
-    b = delta.b.to(torch.float32) * delta.scale  # (out, r), or (in, r) with fan_in_fan_out
+    b = _scaled(delta)  # (out, r), or (in, r) with fan_in_fan_out
     a = delta.a.to(torch.float32)  # (r, in), or (r, out) with fan_in_fan_out
     if fan_in_fan_out:  # b @ a = (B A)^T, so A = b^T and B = a^T
         return b.T, a.T
@@ -177,4 +177,10 @@ def _only_self_matches(rank_pattern: dict[str, int], modules: dict[str, int]) ->
 
 def stored_factors(delta: LowRank, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors as :func:`write_adapter` stores them: the scale folded into b, in ``dtype``."""
-    return (delta.b.to(torch.float32) * delta.scale).to(dtype), delta.a.to(dtype)
+    return _scaled(delta).to(dtype), delta.a.to(dtype)
+
+
+def _scaled(delta: LowRank) -> torch.Tensor:
+    """``b * scale`` in float32 (``b`` itself, not a copy, for a float32 ``b`` at scale 1)."""
+    b = delta.b.to(torch.float32)
+    return b if delta.scale == 1.0 else b * delta.scale

@@ -138,8 +138,11 @@ def factor_transform(x: Tensor) -> Side:
     from Householder QR (a 1-tuple, so callers tell the two apart).
     """
     found = gram_factor(x.mT @ x)  # (T, r, r)
-    if found is not None:
-        return found
+    return found if found is not None else householder(x)
+
+
+def householder(x: Tensor) -> Side:
+    """:func:`factor_transform`'s QR route: ``((Q,), R)`` by Householder QR, exact for any ``x``."""
     q, r = torch.linalg.qr(x)
     return (q,), r
 
@@ -158,16 +161,20 @@ def gram_factor(gram: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def gram_into(x: Tensor, out: Tensor, buf: Tensor) -> Tensor:
-    """``out = x^T x`` in float64 for a tall ``x`` ``(m, r)`` of any float dtype, by row blocks.
+    """``out = x^T x`` in float64 for a tall ``x`` ``(m, r)`` of any float dtype and layout.
 
-    Each block is rounded into ``buf`` ``(step, r)`` float64, which stays in cache, so no
-    float64 copy of ``x`` is ever written to memory (the same Gram as ``x64^T x64``).
+    ``x`` is taken ``buf.shape[1]`` rows at a time: each block is rounded into ``buf`` ``(r,
+    step)`` float64, transposed, so that the product is ``buf @ buf^T``, the layout MKL's small
+    GEMMs run fastest in (about 15 % over ``block^T @ block`` here), and the block stays in
+    cache: no float64 copy of ``x`` is ever written to memory (the same Gram as
+    ``x64^T x64``).
     """
     out.zero_()
-    step = buf.shape[0]
+    step = buf.shape[1]
     for i in range(0, x.shape[0], step):
-        block = buf[: min(step, x.shape[0] - i)].copy_(x[i : i + step])
-        out.addmm_(block.mT, block)
+        block = buf[:, : min(step, x.shape[0] - i)]
+        block.copy_(x[i : i + step].mT)
+        out.addmm_(block, block.mT)
     return out
 
 
