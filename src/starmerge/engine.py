@@ -219,7 +219,13 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
     # An exactly low-rank merge is factor work only: one thread (tensors/threads.py).
     factors_only = plan.method.exact_lowrank(plan.params) or plan.config.space != "full"
     with one_thread(factors_only):
-        _merge_modules(plan, results, progress, modules, per_param, energies, artifacts)
+        # Factor work frees only small factors, which the next parameter's reads reuse: one
+        # trim before the write; a trim per parameter would have its pages faulted in again.
+        _merge_modules(
+            plan, results, progress, modules, per_param, energies, artifacts, not factors_only
+        )
+        if factors_only:
+            trim_heap()
         if artifacts is not None:
             artifacts.close()
         first = plan.tasks[0].source
@@ -239,8 +245,13 @@ def _write_adapter(plan: Plan, state: Any, tmp: Path, device: str, progress: boo
     return summary
 
 
-def _merge_modules(plan: Plan, results, progress: bool, modules, per_param, energies, artifacts):
-    """Consume the merge: each result as the factors to write, its stats and artifacts."""
+def _merge_modules(
+    plan: Plan, results, progress: bool, modules, per_param, energies, artifacts, trim: bool
+):
+    """Consume the merge: each result as the factors to write, its stats and artifacts.
+
+    ``trim``: give the heap's free pages back after each parameter (a dense merge's buffers).
+    """
     for key, result in tqdm(
         results, total=len(plan.shapes), desc="merge", disable=not progress, unit="param"
     ):
@@ -254,7 +265,8 @@ def _merge_modules(plan: Plan, results, progress: bool, modules, per_param, ener
         _write_artifacts(artifacts, plan, key, result)
         modules[key] = lowrank
         del result  # a dense result is not held while the next one is merged
-        trim_heap()
+        if trim:
+            trim_heap()
 
 
 def _writer_layout(plan: Plan, modules: dict[str, LowRank]) -> tuple[bool, dict[str, LowRank]]:

@@ -27,7 +27,7 @@ from starmerge.methods.contract import STATISTICS
 from starmerge.paths import with_absolute_paths
 from starmerge.peak_model import KeyInputs, OutputModel, peak_bytes
 from starmerge.tensors.delta import Delta, LowRank
-from starmerge.tensors.threads import split_over_cores
+from starmerge.tensors.threads import one_thread, split_over_cores
 
 
 @dataclass
@@ -77,7 +77,8 @@ class Plan:
             isinstance(t.source, LoraAdapter) for t in self.tasks
         ):
             entries = (out[0].b.numel() + out[0].a.numel()) * rest
-            split_over_cores(lambda tasks: fill([i + 1 for i in tasks]), rest, entries)
+            with one_thread():  # positioned reads and finiteness sums, a task per core
+                split_over_cores(lambda tasks: fill([i + 1 for i in tasks]), rest, entries)
         else:
             fill(range(1, len(self.tasks)))
         return out

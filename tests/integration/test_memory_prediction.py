@@ -5,7 +5,11 @@ of ``starmerge merge``) in ONE child process that runs the merges one after anot
 run as a script. Per merge the child records the peak ``RssAnon`` growth (``PeakMemory``
 sampled every millisecond, minus ``RssAnon`` just before, after a garbage collection and
 ``malloc_trim``) and the manifest's ``predicted_peak_bytes``; each must be within 25 % of the
-other, both ways.
+other, both ways. Where Linux lets a process reset its peak RSS (``/proc/self/clear_refs``)
+and the merge maps no file (no statistics), the kernel's exact peak (``VmHWM`` less the file
+pages resident before) is taken too, the larger of the two: a LoRA merge of this small
+model peaks for about a millisecond, which the sampler missed in about one run in three on a
+busy 2-core machine (9.9-18.2 MiB measured of 24.6 predicted, the same code otherwise 24-25).
 
 The model: parameters of 2048 x 1024, 1024 x 1024 and 1024 x 2048 (float32, 8, 4 and 8 MiB)
 and a norm vector, in numbered blocks (``model.layers.N``, Localize-and-Stitch's parameter
@@ -238,13 +242,41 @@ def _config(name: str, form: str, params: dict, inputs: dict, n_tasks: int) -> d
 def _measure(name: str, form: str, params: dict, inputs: dict, n_tasks: int) -> dict:
     root = inputs["root"]
     path = root / f"{name}-{form}.yaml"
-    path.write_text(yaml.safe_dump(_config(name, form, params, inputs, n_tasks)))
+    config = _config(name, form, params, inputs, n_tasks)
+    path.write_text(yaml.safe_dump(config))
     gc.collect()
     _malloc_trim()
     before = rss_anon_bytes()
+    # Statistics files are loaded memory-mapped: their pages are in VmHWM, not in RssAnon.
+    hwm_reset = "statistics" not in config["parameters"] and _reset_peak_rss()
+    before_other = _status_kib("VmRSS") - _status_kib("RssAnon")  # file and shmem pages
     with PeakMemory(interval=0.001) as mem:
         manifest = merge(path, root / "out", overwrite=True)
-    return {"measured": mem.peak - before, "predicted": manifest["predicted_peak_bytes"]}
+    measured = mem.peak - before
+    if hwm_reset:  # the kernel's exact peak, which a 1 ms sampler can miss on a busy machine
+        measured = max(measured, (_status_kib("VmHWM") - before_other) * 1024 - before)
+    return {"measured": measured, "predicted": manifest["predicted_peak_bytes"]}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux ``clear_refs``); True if done.
+
+    Only this test's child does it: it is the process's own peak, which a library must not
+    reset under its caller.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def _malloc_trim() -> None:

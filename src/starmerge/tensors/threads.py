@@ -54,7 +54,7 @@ SPLIT_MIN_ENTRIES = 1 << 19
 
 
 def split_over_cores(fn: Callable[[Sequence[int]], None], n: int, entries: int) -> None:
-    """Run ``fn`` on the even indices of ``range(n)`` here and the odd ones in a helper thread.
+    """Run ``fn`` on the even indices of ``range(n)`` in a helper thread and the odd ones here.
 
     For independent small operations on separate outputs (a group's factor Grams, each task's
     factor products): each operation runs on one torch thread and releases the GIL, so two cores
@@ -62,7 +62,8 @@ def split_over_cores(fn: Callable[[Sequence[int]], None], n: int, entries: int) 
     halves share whatever core is free and the call takes what one thread would. Runs ``fn``
     on all of them here when this process has one core, ``n < 2``, or the work touches fewer
     than :data:`SPLIT_MIN_ENTRIES` tensor ``entries`` in all. Call it inside
-    :func:`one_thread`: the helper thread is set to one torch thread when it starts.
+    :func:`one_thread`: the helper runs one torch thread, and setting it sets MKL's count for
+    the process.
 
     Example:
         >>> done = []
@@ -74,13 +75,24 @@ def split_over_cores(fn: Callable[[Sequence[int]], None], n: int, entries: int) 
         fn(range(n))
         return
     if not _POOL:
-        helper = ThreadPoolExecutor(1, "starmerge-split", torch.set_num_threads, (1,))
-        _POOL.append(helper)
-    other = _POOL[0].submit(fn, range(1, n, 2))
+        _POOL.append(ThreadPoolExecutor(1, "starmerge-split"))
+    other = _POOL[0].submit(_on_one_thread, fn, range(0, n, 2))  # the larger half
     try:
-        fn(range(0, n, 2))
+        fn(range(1, n, 2))
     finally:
         other.result()
+
+
+def _on_one_thread(fn: Callable[[Sequence[int]], None], items: Sequence[int]) -> None:
+    """``fn(items)`` in the helper, which keeps one torch thread for good.
+
+    Torch gives a new thread the process-wide count at its first parallel operation, so the
+    count is set here, after that, and not restored (restoring would reset MKL's count for the
+    caller, still inside its :func:`one_thread`).
+    """
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    fn(items)
 
 
 def _cores() -> int:
