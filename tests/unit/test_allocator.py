@@ -189,3 +189,41 @@ def test_the_cli_asks_for_huge_pages_before_torch(monkeypatch):
 
     assert main(["--help"]) == 0
     assert calls == [1]
+
+
+ARENA_CHILD = textwrap.dedent(
+    """
+    import ctypes, sys, threading
+    from starmerge.memory import bounded_allocator
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    if sys.argv[1] == "call":
+        bounded_allocator()
+    held = []
+    worker = threading.Thread(target=lambda: held.append(libc.malloc(256 << 10)))
+    worker.start()
+    worker.join()
+    libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
+    """
+)
+
+
+def _arenas(call: bool, **env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    argv = [sys.executable, "-c", ARENA_CHILD, "call" if call else "no-call"]
+    run = subprocess.run(argv, env={**clean, **env}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return sum(line.startswith("Arena ") for line in run.stderr.splitlines())
+
+
+@needs_glibc
+def test_one_heap_for_every_thread_once_set():
+    """A second thread allocates from its own arena (the control) unless the call set one."""
+    assert _arenas(call=False) == 2
+    assert _arenas(call=True) == 1
+
+
+@needs_glibc
+def test_user_arena_max_is_kept():
+    assert _arenas(call=True, MALLOC_ARENA_MAX="2") == 2
