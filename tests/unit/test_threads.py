@@ -1,6 +1,8 @@
 """split_over_cores: every index once, two threads only where the work is large enough."""
 
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -53,3 +55,23 @@ def test_an_error_in_the_helper_reaches_the_caller(monkeypatch):
 
     with pytest.raises(ValueError, match="odd half failed"):
         split_over_cores(fn, 4, SPLIT_MIN_ENTRIES)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_helper(monkeypatch):
+    """The parent's helper thread does not exist in a child: the child must not wait on it."""
+    monkeypatch.setattr(threads, "_cores", lambda: 2)
+    split_over_cores(lambda items: None, 2, SPLIT_MIN_ENTRIES)  # the parent's helper exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when both halves ran
+        done = []
+        split_over_cores(done.extend, 4, SPLIT_MIN_ENTRIES)
+        os._exit(0 if sorted(done) == [0, 1, 2, 3] else 1)
+    for _ in range(200):  # up to 20 s
+        waited, status = os.waitpid(pid, os.WNOHANG)
+        if waited:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung waiting for the parent's helper thread")

@@ -46,6 +46,8 @@ def one_thread(active: bool = True) -> Iterator[None]:
 
 
 _POOL: list[ThreadPoolExecutor] = []  # one helper thread, started on first use
+if hasattr(os, "register_at_fork"):  # a forked child has no helper thread: start its own
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 # Entries of work below which a split does not pay: handing half to the helper and waiting for
