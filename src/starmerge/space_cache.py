@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from starmerge.methods.contract import State
 from starmerge.space_form import coordinates, to_space
 from starmerge.tensors.delta import Delta, Dense
@@ -38,6 +41,7 @@ class SpaceCache:
 
     space: str
     bases: dict[str, SpaceBasis] = field(default_factory=dict)
+    buffers: list[Tensor] = field(default_factory=list)  # the fit passes' coordinates
 
     def inputs(
         self, key: str, read: Callable[[], Sequence[Delta | None]], *, keep: bool
@@ -60,16 +64,38 @@ class SpaceCache:
             InputError: A task gives a dense delta or a non-matrix parameter.
         """
         held = self.bases.pop(key, None) if not keep else self.bases.get(key)
+        if not keep:
+            self.buffers.clear()  # the fit is over: the merge's coordinates are its own
         with one_thread():  # factor work: one thread (tensors/threads.py)
             if keep and held is not None and not held.needs_factors:
                 projection = Projection(held, None)
-                return projection, coordinates(projection)
+                return projection, coordinates(projection, self._buffers(projection.basis))
             deltas = read()
             fits = held is not None and held.fits(deltas)  # type: ignore[arg-type]
             projection = to_space(key, deltas, self.space, held if fits else None)
             if keep and not fits and projection.basis.reusable:
                 self.bases[key] = projection.basis
-            return projection, coordinates(projection)
+            out = self._buffers(projection.basis) if keep else None
+            return projection, coordinates(projection, out)
+
+    def _buffers(self, basis: SpaceBasis) -> list[Tensor]:
+        """One coordinate buffer per task, reused from the previous parameter when they fit.
+
+        A fit pass computes every parameter's coordinates only for the fitter to reduce them
+        (``Fitter.observe`` keeps statistics, not deltas); fresh buffers of 1 MiB or more are
+        fresh mappings the kernel zeroes (KnOTS: 12 blocks of 3 MB per parameter and pass).
+        """
+        shape, dtype = basis.core_shape, basis.data
+        n = len(basis.tasks)
+        fits = len(self.buffers) == n and all(
+            b.shape == shape and b.dtype == dtype and b.device == basis.coef.device
+            for b in self.buffers
+        )
+        if not fits:
+            self.buffers.clear()  # the old ones go before the new ones exist
+            device = basis.coef.device
+            self.buffers.extend(torch.empty(shape, dtype=dtype, device=device) for _ in range(n))
+        return list(self.buffers)
 
 
 @dataclass(frozen=True)

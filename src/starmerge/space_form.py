@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 from starmerge.errors import ConfigError, InputError, did_you_mean, short_repr
 from starmerge.methods.base import Method
 from starmerge.tensors.delta import Delta, Dense, LowRank
@@ -75,13 +77,18 @@ def to_space(
     return Projection(basis, tuple(deltas))  # type: ignore[arg-type]
 
 
-def coordinates(projection: Projection) -> list[Dense | None]:
+def coordinates(projection: Projection, out: list[Tensor] | None = None) -> list[Dense | None]:
     """Each task's coordinates as a ``Dense`` delta; None kept for a task without the parameter.
+
+    ``out``: buffers to compute them into (:meth:`SpaceBasis.coordinates`); else new tensors.
 
     Example:
         >>> x = LowRank(torch.ones(3, 1), torch.ones(1, 2))
         >>> coordinates(to_space("w", [x, None], "core"))[1] is None  # doctest: +SKIP
         True
     """
-    pairs = zip(projection.basis.tasks, projection.coords, strict=True)
+    coords = (
+        projection.coords if out is None else projection.basis.coordinates(projection.deltas, out)
+    )
+    pairs = zip(projection.basis.tasks, coords, strict=True)
     return [None if t is None else Dense(c) for t, c in pairs]

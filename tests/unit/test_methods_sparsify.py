@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from starmerge.tensors.sparsify import (
+    BitScratch,
     RadixSelect,
     keep_count,
     kth_largest_abs,
@@ -86,6 +87,25 @@ def test_streaming_passes_can_interleave_chunks():
         sel.add_low(t)
     sel.finish_low()
     assert sel.threshold == topk_threshold(tensors, 30)
+
+
+def test_selects_sharing_one_scratch_give_each_its_own_threshold():
+    """Three tasks' selects fed in turn through one BitScratch (growing and reused, bf16 too)."""
+    scratch = BitScratch()
+    tasks = [chunks(seed, [(40,), (9, 9), (3,)]) for seed in (4, 5, 6)]
+    tasks[2] = [t.to(torch.bfloat16) for t in tasks[2]]
+    selects = [RadixSelect(scratch) for _ in tasks]
+    for i in range(3):  # parameter by parameter, task by task, as a fitter feeds them
+        for sel, tensors in zip(selects, tasks, strict=True):
+            sel.add_high(tensors[i])
+    for sel, keep in zip(selects, (10, 55, 124), strict=True):
+        sel.finish_high(keep)
+    for i in range(3):
+        for sel, tensors in zip(selects, tasks, strict=True):
+            sel.add_low(tensors[i])
+    for sel, tensors, keep in zip(selects, tasks, (10, 55, 124), strict=True):
+        sel.finish_low()
+        assert sel.threshold == topk_threshold([t.float() for t in tensors], keep)
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,29 @@ def test_bases_are_computed_once_and_handed_over(space, monkeypatch):
         assert torch.equal(result.delta.a, again[key].delta.a)
 
 
+@pytest.mark.parametrize("space", ["core", "knots"])
+def test_fit_passes_reuse_coordinate_buffers_and_the_merge_does_not(space):
+    """Two parameters of one shape fill the same buffers in a fit pass, each with its own
+    coordinates; the merge's coordinates are new tensors and the buffers are let go."""
+    tasks = _tasks(2)
+    other = _tasks(3)  # "q" again, other values: a second parameter of the same shape
+    cache = SpaceCache(space)
+    first = [
+        c.tensor.clone() for c in cache.inputs("q", lambda: [t["q"] for t in tasks], keep=True)[1]
+    ]
+    held = list(cache.buffers)
+    _, second = cache.inputs("q2", lambda: [t["q"] for t in other], keep=True)
+    assert [c.tensor.data_ptr() for c in second] == [b.data_ptr() for b in held]
+    want = project([t["q"] for t in other], space).coords
+    for got, ref in zip(second, want, strict=True):
+        assert torch.equal(got.tensor, ref)
+    for got, ref in zip(first, project([t["q"] for t in tasks], space).coords, strict=True):
+        assert torch.equal(got, ref)  # what the fitter saw of the first parameter was its own
+    _, merged = cache.inputs("q", lambda: [t["q"] for t in tasks], keep=False)
+    assert cache.buffers == []
+    assert all(c.tensor.data_ptr() not in {b.data_ptr() for b in held} for c in merged)
+
+
 def test_a_basis_is_reused_only_for_its_deltas():
     tasks = _tasks(1)
     deltas = [t.get("q") for t in tasks]

@@ -66,7 +66,11 @@ class Fitter(Protocol):
     """
 
     def observe(self, key: str, deltas: Sequence[Delta | None]) -> None:
-        """See one parameter's deltas in the current pass."""
+        """See one parameter's deltas in the current pass.
+
+        Keep statistics, not the deltas: in ``core``/``knots`` space they are buffers that the
+        next parameter's coordinates overwrite (``space_cache.SpaceCache``).
+        """
 
     def end_pass(self) -> bool:
         """Close the current pass; return True when another pass over the model is needed."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from starmerge.io.statistics import StatsFile
 from starmerge.methods.statistics import require_statistics
 from starmerge.tensors.delta import Delta
-from starmerge.tensors.sparsify import RadixSelect, keep_count
+from starmerge.tensors.sparsify import BitScratch, RadixSelect, keep_count
 
 BLOCK = re.compile(r"(^|\.)(layers|layer|h|block|blocks)\.\d+\.")
 DEFAULT_SPARSITY = {"dataless": 0.05, "trained": 0.01}
@@ -108,7 +108,8 @@ class LSFitter:
         if self.mode == "trained":
             need = "mode 'trained' (masks trained on task data)"
             self.files = require_statistics("localize_stitch", statistics, n_tasks, need)
-        self.selects = [RadixSelect() for _ in range(n_tasks)]
+        scratch = BitScratch()  # the selects run one at a time: one set of buffers
+        self.selects = [RadixSelect(scratch) for _ in range(n_tasks)]
         self.phase = "count" if self.files else "high"
         self.thresholds: tuple[float | None, ...] | None = None
         self.counts = {"kept": [0] * n_tasks, "total": [0] * n_tasks, "union": 0, "overlap": 0}

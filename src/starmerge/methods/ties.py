@@ -67,7 +67,7 @@ from starmerge.methods.footprint import Footprint, MemoryCase
 from starmerge.methods.generalized_ta import number_list, per_model
 from starmerge.tensors.delta import Delta, Dense
 from starmerge.tensors.select import kth_largest
-from starmerge.tensors.sparsify import RadixSelect, keep_count, l1_rescale_
+from starmerge.tensors.sparsify import BitScratch, RadixSelect, keep_count, l1_rescale_
 from starmerge.tensors.threads import one_thread
 from starmerge.tensors.vote import Scratch, SignVote, dense_into, trim_into
 
@@ -118,7 +118,8 @@ class TiesFitter:
         self.needs_deltas = not self.local  # local thresholds come per parameter, in the kernel
         given = {"density": density, "densities": densities}
         self.densities = [] if self.local else per_model("ties", given, "density", n_tasks)
-        self.selects = [RadixSelect() for _ in range(n_tasks)]
+        scratch = BitScratch()  # the selects run one at a time: one set of buffers
+        self.selects = [RadixSelect(scratch) for _ in range(n_tasks)]
         self.pass_no = 0
 
     def observe(self, key: str, deltas: Sequence[Delta | None]) -> None:

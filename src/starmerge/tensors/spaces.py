@@ -125,15 +125,19 @@ class SpaceBasis:
         """True when :meth:`coordinates` reads the deltas' factors (knots), not only the basis."""
         return self.a_coef is None
 
-    def coordinates(self, deltas: Sequence[LowRank | None] | None = None) -> list[Tensor]:
+    def coordinates(
+        self, deltas: Sequence[LowRank | None] | None = None, out: list[Tensor] | None = None
+    ) -> list[Tensor]:
         """Every task's coordinates ``C_t`` in ``data`` (zeros for a task without the module).
 
         Core's come from the basis alone (``deltas`` unused); knots' need every ``A_t``. One
         tensor per task: below glibc's mmap threshold where a (T, p, q) block would be above.
+        ``out``: one buffer per task of the coordinates' shape and dtype to fill (else new).
         """
         ranks = [0 if t is None else t[0] for t in self.tasks]
         shape, device = self.core_shape, self.coef.device
-        out = [torch.empty(shape, dtype=self.data, device=device) for _ in ranks]
+        if out is None:
+            out = [torch.empty(shape, dtype=self.data, device=device) for _ in ranks]
         if self.a_coef is not None:  # core: M_t = (U_B^T s_t B_t)(A_t V_A)
             return core_coordinates(self.coef, self.a_coef, ranks, out)
         assert deltas is not None, "knots coordinates need the deltas"
