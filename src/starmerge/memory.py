@@ -110,15 +110,20 @@ def _set_thresholds() -> bool:
         return False
     if not _user_set("trim_threshold"):  # a user's trim threshold stays too
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    if not _user_set("arena_max") and "MALLOC_ARENA_MAX" not in os.environ:  # no "_" here
+    if not _user_set("arena_max", env="MALLOC_ARENA_MAX"):
         mallopt(M_ARENA_MAX, 1)
     return True
 
 
-def _user_set(name: str) -> bool:
-    """The user set glibc's ``name``: ``MALLOC_<NAME>_`` or ``glibc.malloc.<name>`` tunable."""
+def _user_set(name: str, env: str | None = None) -> bool:
+    """The user set glibc's ``name``: its variable or the ``glibc.malloc.<name>`` tunable.
+
+    The variable is ``MALLOC_<NAME>_`` for the thresholds; ``env`` names one spelled otherwise
+    (``MALLOC_ARENA_MAX`` has no trailing underscore).
+    """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables
+    variable = env or f"MALLOC_{name.upper()}_"
+    return variable in os.environ or f"glibc.malloc.{name}" in tunables
 
 
 def _is_glibc() -> bool:

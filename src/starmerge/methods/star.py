@@ -49,10 +49,7 @@ from starmerge.methods.contract import Separable
 from starmerge.methods.footprint import F32, F64, Footprint, MemoryCase
 from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.spectral import (
-    Side,
-    gram_factor,
-    gram_into,
-    householder,
+    factor_sides,
     numerical_rtol,
     star_dense,
     star_factored,
@@ -148,11 +145,12 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     """Factor-space STAR, batched over tasks of equal rank; the average is a concatenation.
 
     Each factor's Gram is accumulated in float64 from the factor itself by cache-sized blocks
-    (:func:`gram_into`); float64 stacks of the group are formed only when some factor is ill
-    conditioned (Householder QR). The maps of :func:`star_maps` (the mean's 1/T folded in) are
-    applied to each task's own factors for its kept columns only, straight into the merged
-    factors: ``A`` row blocks, and ``B`` as ``B^T`` row blocks (``left^T b^T``: MKL's fast
-    layout for a tall factor times a few columns, about 5x ``b @ left`` here).
+    (:func:`~starmerge.tensors.spectral.factor_sides`); float64 stacks of the group are formed
+    only when some factor is ill conditioned (Householder QR). The maps of :func:`star_maps`
+    (the mean's 1/T folded in) are applied to each task's own factors for its kept columns
+    only, straight into the merged factors: ``A`` row blocks, and ``B`` as ``B^T`` row blocks
+    (``left^T b^T``: MKL's fast layout for a tall factor times a few columns, about 5x
+    ``b @ left`` here).
     """
     n_tasks, first = len(deltas), deltas[0]
     (m, n), device = first.shape, first.b.device
@@ -163,7 +161,7 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     for rank in sorted({d.rank for d in deltas if d.rank > 0}):
         tasks = [t for t, d in enumerate(deltas) if d.rank == rank]
         group = [deltas[t] for t in tasks]
-        side_b, side_a = _sides(group, rank, device)
+        side_b, side_a = factor_sides([d.b for d in group], [d.a.mT for d in group])
         scales = torch.tensor([float(d.scale) / n_tasks for d in group], dtype=torch.float64)
         left, left_small, right, right_small, k = star_maps(side_b, side_a, scales, eta, rtol)
         for i, t in enumerate(tasks):
@@ -192,39 +190,6 @@ def _star_lowrank(deltas: Sequence[LowRank], eta: float) -> Merged:
     split_over_cores(fill, n_tasks, sum(d.b.numel() + d.a.numel() for d in deltas))
     merged = LowRank(b_t.mT.to(first.dtype), a_cat.to(first.dtype), 1.0)
     return Merged(merged, {"kept_ranks": kept})
-
-
-def _sides(group: Sequence[LowRank], rank: int, device: torch.device) -> tuple[Side, Side]:
-    """:func:`factor_transform` of the stacked ``b`` ``(T, m, r)`` and ``a^T`` ``(T, n, r)``.
-
-    Every Gram comes from :func:`gram_into`, and both sides share one batched ``eigh``; a side
-    with an ill-conditioned member is redone by Householder QR of its float64 stack.
-    """
-    n_tasks = len(group)
-    factors = [d.b for d in group] + [d.a.mT for d in group]
-    grams = torch.empty(2 * n_tasks, rank, rank, dtype=torch.float64, device=device)
-    step = max(1, min(max(x.shape[0] for x in factors), _GRAM_BLOCK // rank))
-
-    def fill(members: Sequence[int]) -> None:
-        buf = torch.empty(rank, step, dtype=torch.float64, device=device)
-        for i in members:
-            gram_into(factors[i], grams[i], buf)
-
-    split_over_cores(fill, len(factors), sum(x.numel() for x in factors))
-    both = gram_factor(grams)
-    if both is not None:
-        f, r = both
-        return (f[:n_tasks], r[:n_tasks]), (f[n_tasks:], r[n_tasks:])
-    sides = []
-    for half in (slice(0, n_tasks), slice(n_tasks, 2 * n_tasks)):
-        found = gram_factor(grams[half])
-        if found is None:
-            found = householder(torch.stack([x.to(torch.float64) for x in factors[half]]))
-        sides.append(found)
-    return sides[0], sides[1]
-
-
-_GRAM_BLOCK = 1 << 16  # float64 entries per Gram block: 512 KiB, within a core's 1 MiB L2 cache
 
 
 def _star_dense(deltas: Sequence[Delta], eta: float) -> Merged:

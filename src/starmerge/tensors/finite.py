@@ -33,9 +33,9 @@ def all_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point():
         return True
     with one_thread():  # memory-bound reductions: a second thread only waits on a busy machine
-        if t.numel() <= _CHUNK:  # any layout: reshape would copy a transposed view
-            return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-        for chunk in t.reshape(-1).split(_CHUNK):
+        # One chunk is the tensor itself, in any layout: reshape would copy a transposed view.
+        chunks = (t,) if t.numel() <= _CHUNK else t.reshape(-1).split(_CHUNK)
+        for chunk in chunks:
             if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
                 return False
     return True
