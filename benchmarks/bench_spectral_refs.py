@@ -17,7 +17,11 @@ Peers (float32, one parameter's T dense task deltas ``(m, n)``, full thin SVDs a
   ``w_t = 1 / ||D_t||^2``, with a dense pseudo-inverse (no peer computes the minimiser; this is
   the direct dense formula);
 - ``ties``: per task the top 20 % entries by magnitude of the tensor, sign election by mass,
-  disjoint mean (PEFT's and mergekit's per-tensor TIES).
+  disjoint mean (PEFT's and mergekit's per-tensor TIES);
+- ``knots_ties``, ``knots_tsv_m``: KnOTS' own formulation of a merge in its space
+  (``gstoica27/KnOTS`` ``task_merger.py``, ``SVDMerger.apply_svd``): the T dense deltas side by
+  side, ``[D_1 .. D_T]`` (m x T n), one float64 thin SVD of that matrix, the singular values
+  above 1e-5 kept, each task's ``diag(s) V_t^T`` merged by the method above, lifted with ``U``.
 
 References (float64, independent of the library): the issue's formula of each method, with
 singular values above ``CUT`` x the largest counted as the support (the inputs are exactly low
@@ -114,6 +118,16 @@ def peer_ties(ds: Sequence[Tensor], density: float = 0.2) -> Tensor:
     return (trimmed * agree).sum(dim=0) / count
 
 
+def peer_knots(ds: Sequence[Tensor], merge) -> Tensor:
+    """KnOTS: the float64 SVD of ``[D_1 .. D_T]``, ``merge`` on each ``diag(s) V_t^T``, ``U @``."""
+    n = ds[0].shape[1]
+    u, s, vh = torch.linalg.svd(torch.cat(list(ds), dim=1).to(F64), full_matrices=False)
+    keep = s > 1e-5
+    u, s, vh = u[:, keep].float(), s[keep].float(), vh[keep].float()
+    coords = [s[:, None] * vh[:, t * n : (t + 1) * n] for t in range(len(ds))]
+    return u @ merge(coords)
+
+
 PEERS = {
     "tsv_m": peer_tsv_m,
     "iso_c": peer_iso_c,
@@ -121,6 +135,8 @@ PEERS = {
     "cart": peer_cart,
     "wudi": peer_wudi_exact,
     "ties": peer_ties,
+    "knots_ties": lambda ds: peer_knots(ds, peer_ties),
+    "knots_tsv_m": lambda ds: peer_knots(ds, peer_tsv_m),
 }
 
 

@@ -190,13 +190,15 @@ def merge_params(
         small = projection is not None or all(isinstance(d, LowRank) for d in deltas)
         with one_thread(small):  # factor work and coordinates (tensors/threads.py)
             merged = method.fn(deltas, **kwargs)
-            if projection is not None:
+            if projection is not None and cache is not None:
                 stats = {**merged.stats, "core_shape": list(projection.core_shape)}
-                merged = Merged(projection.lift(merged.delta), stats)
+                merged = Merged(cache.release(projection.lift(merged.delta)), stats)
         _check_finite(method, params, key, merged.delta)
         artifacts = {name: t.cpu() for name, t in merged.artifacts.items()}
         yield key, Merged(_to_device(merged.delta, "cpu"), merged.stats, artifacts)
         del projection, deltas, kwargs, merged, artifacts  # freed before the next read
+    if cache is not None:
+        cache.buffers.clear()  # the merge's coordinate buffers: the run is over
 
 
 def _method_inputs(

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from starmerge.methods.contract import State
 from starmerge.space_form import coordinates, to_space
-from starmerge.tensors.delta import Delta, Dense
+from starmerge.tensors.delta import Delta, Dense, LowRank
 from starmerge.tensors.spaces import Projection, SpaceBasis
 from starmerge.tensors.threads import one_thread
 
@@ -56,6 +56,8 @@ class SpaceCache:
             read: Its task deltas (None: the task lacks it), read only when needed.
             keep: Store a computed basis for a later pass (the fit); False hands a stored one
                 over and forgets it (the merge, the last pass, which reads the deltas to lift).
+                Either way the coordinates are in :attr:`buffers`, which the next parameter's
+                overwrite: the merge passes its result through :meth:`release`.
 
         Returns:
             The projection, and per task its coordinates as ``Dense`` (None: lacks ``key``).
@@ -64,8 +66,6 @@ class SpaceCache:
             InputError: A task gives a dense delta or a non-matrix parameter.
         """
         held = self.bases.pop(key, None) if not keep else self.bases.get(key)
-        if not keep:
-            self.buffers.clear()  # the fit is over: the merge's coordinates are its own
         with one_thread():  # factor work: one thread (tensors/threads.py)
             if keep and held is not None and not held.needs_factors:
                 projection = Projection(held, None)
@@ -75,15 +75,31 @@ class SpaceCache:
             projection = to_space(key, deltas, self.space, held if fits else None)
             if keep and not fits and projection.basis.reusable:
                 self.bases[key] = projection.basis
-            out = self._buffers(projection.basis) if keep else None
-            return projection, coordinates(projection, out)
+            return projection, coordinates(projection, self._buffers(projection.basis))
+
+    def release(self, delta: Delta) -> Delta:
+        """``delta`` with every tensor that is one of :attr:`buffers` copied out.
+
+        A method may return one of its inputs (a single task's coordinates, say) and a lift
+        may keep it as a factor; the next parameter's coordinates would overwrite it.
+        """
+        held = {b.untyped_storage().data_ptr() for b in self.buffers}
+
+        def own(t: Tensor) -> Tensor:
+            return t.clone() if t.untyped_storage().data_ptr() in held else t
+
+        if isinstance(delta, LowRank):
+            return LowRank(own(delta.b), own(delta.a), delta.scale)
+        return Dense(own(delta.tensor)) if isinstance(delta, Dense) else delta
 
     def _buffers(self, basis: SpaceBasis) -> list[Tensor]:
         """One coordinate buffer per task, reused from the previous parameter when they fit.
 
         A fit pass computes every parameter's coordinates only for the fitter to reduce them
-        (``Fitter.observe`` keeps statistics, not deltas); fresh buffers of 1 MiB or more are
-        fresh mappings the kernel zeroes (KnOTS: 12 blocks of 3 MB per parameter and pass).
+        (``Fitter.observe`` keeps statistics, not deltas), the merge pass for the method, whose
+        result :meth:`release` separates from them; fresh buffers of 1 MiB or more are fresh
+        mappings the kernel zeroes (KnOTS: 12 blocks of 3 MB per parameter and pass, 0.4 ms
+        each).
         """
         shape, dtype = basis.core_shape, basis.data
         n = len(basis.tasks)

@@ -78,9 +78,9 @@ def test_bases_are_computed_once_and_handed_over(space, monkeypatch):
 
 
 @pytest.mark.parametrize("space", ["core", "knots"])
-def test_fit_passes_reuse_coordinate_buffers_and_the_merge_does_not(space):
-    """Two parameters of one shape fill the same buffers in a fit pass, each with its own
-    coordinates; the merge's coordinates are new tensors and the buffers are let go."""
+def test_every_pass_reuses_coordinate_buffers_and_release_copies_a_kept_one(space):
+    """Two parameters of one shape fill the same buffers, fit and merge pass alike, each with
+    its own coordinates; a merged result that is one of them is copied out, others pass."""
     tasks = _tasks(2)
     other = _tasks(3)  # "q" again, other values: a second parameter of the same shape
     cache = SpaceCache(space)
@@ -96,8 +96,16 @@ def test_fit_passes_reuse_coordinate_buffers_and_the_merge_does_not(space):
     for got, ref in zip(first, project([t["q"] for t in tasks], space).coords, strict=True):
         assert torch.equal(got, ref)  # what the fitter saw of the first parameter was its own
     _, merged = cache.inputs("q", lambda: [t["q"] for t in tasks], keep=False)
-    assert cache.buffers == []
-    assert all(c.tensor.data_ptr() not in {b.data_ptr() for b in held} for c in merged)
+    assert [c.tensor.data_ptr() for c in merged] == [b.data_ptr() for b in held]
+    for got, ref in zip(merged, first, strict=True):
+        assert torch.equal(got.tensor, ref)
+    kept = merged[0].tensor
+    fresh = torch.ones(3, kept.shape[0])
+    out = cache.release(LowRank(fresh, kept, 2.0))  # a lift that keeps the input as its A
+    assert out.b is fresh and out.scale == 2.0
+    assert out.a.data_ptr() != kept.data_ptr() and torch.equal(out.a, kept)
+    assert cache.release(Dense(kept)).tensor.data_ptr() != kept.data_ptr()
+    assert cache.release(Dense(fresh)).tensor is fresh
 
 
 def test_a_basis_is_reused_only_for_its_deltas():

@@ -169,7 +169,7 @@ def gta_memory(*, consensus: bool, sparsify: float) -> MemoryModel:
     and mask 2, the argsorts of Breadcrumbs 5 and of DELLA 7), the weighted copy when a
     weight is not 1 (1), a temporary for the rescale or the vote (1), a flag (0.25); then the
     sum (1), or with sign consensus the vote's sum, positive and negative parts (3) and its
-    counts (0.5 as uint8 for unit weights, else 2).
+    two float32 counts (2).
     """
 
     def memory(case: MemoryCase) -> Footprint:
@@ -178,7 +178,7 @@ def gta_memory(*, consensus: bool, sparsify: float) -> MemoryModel:
         weighted = any(w != 1 for w in case.params.get("weights") or [])
         work = (1 if case.lowrank else 0) + (sparsify if sparse else 0) + (1 if weighted else 0)
         work += 1.25 if consensus or case.params.get("rescale") else 0.25
-        sums = 3 + (2 if weighted else 0.5) if consensus else 1
+        sums = 5 if consensus else 1
         return Footprint(case.copies(work + sums))
 
     return memory

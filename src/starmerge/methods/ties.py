@@ -181,14 +181,12 @@ def _local_threshold(tau: Tensor, density: float, scratch: Scratch) -> float | N
 def _memory(case: MemoryCase) -> Footprint:
     """Bytes beyond the T dense inputs: the kernel's buffers and the fit step's.
 
-    Kernel: a trimmed task, the vote's total, pos, neg and temporary (5 float32), two flags and
-    two uint8 counts (1), selection candidates (0.25); float counts for weights other than 1
-    (+1.5); the L1 rescale works in the trimmed buffer and the vote's temporary (+0). Fit: |x|,
-    its bits.
+    Kernel: a trimmed task, the vote's total, pos, neg and temporary (5 float32), its two float32
+    counts (2), two flags (0.5) and selection candidates (0.25) of a local threshold; the L1
+    rescale works in the trimmed buffer and the vote's temporary (+0). Fit: |x|, its bits and
+    their index (sparsify.BitScratch).
     """
-    weights = case.params.get("weights") or []
-    extra = 1.5 if any(w != 1 for w in weights) else 0
-    return Footprint(case.copies(6.25 + extra), case.copies(2.5) + case.n_tasks * 2**19)
+    return Footprint(case.copies(7.75), case.copies(3.5) + case.n_tasks * 2**19)
 
 
 @register_method(
