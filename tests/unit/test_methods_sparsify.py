@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from starmerge.tensors.sparsify import (
+    LOW_INDEX_SIZE,
     BitScratch,
     RadixSelect,
     keep_count,
@@ -122,3 +123,22 @@ def test_local_kthvalue_agrees_with_radix_select(keep):
     assert kth_largest_abs_local(x, keep) == kth_largest_abs([x], keep)
     if keep:
         assert kth_largest_abs_local(x, keep) == topk_threshold([x], keep)
+
+
+def test_low_index_keeps_a_buckets_low_bits_and_spreads_the_rest_past_them():
+    """Entries of high bucket b map to their low 16 bits, every other one into the spread
+    counters after them: NaN and Inf, zeros, the buckets next to b, both signs."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat(
+        [
+            torch.randn(5000, generator=g) * 10.0 ** torch.randint(-30, 30, (5000,), generator=g),
+            torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0]),
+        ]
+    )
+    bits = x.abs().view(torch.int32)
+    for bucket in {int(b) for b in (bits >> 16)[:40]} | {0, 0x3F80, 0x7FFF}:
+        index = BitScratch().low_index(x, bucket)
+        inside = (bits >> 16) == bucket
+        assert torch.equal(index[inside], bits[inside] & 0xFFFF)
+        outside = index[~inside]
+        assert bool((outside >= 1 << 16).all()) and bool((outside < LOW_INDEX_SIZE).all())
