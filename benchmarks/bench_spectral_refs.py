@@ -118,13 +118,18 @@ def peer_ties(ds: Sequence[Tensor], density: float = 0.2) -> Tensor:
     return (trimmed * agree).sum(dim=0) / count
 
 
-def peer_knots(ds: Sequence[Tensor], merge) -> Tensor:
-    """KnOTS: the float64 SVD of ``[D_1 .. D_T]``, ``merge`` on each ``diag(s) V_t^T``, ``U @``."""
+def peer_knots_svd(ds: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """KnOTS' basis: the float64 SVD of ``[D_1 .. D_T]``; ``U`` and each ``diag(s) V_t^T``."""
     n = ds[0].shape[1]
     u, s, vh = torch.linalg.svd(torch.cat(list(ds), dim=1).to(F64), full_matrices=False)
     keep = s > 1e-5
     u, s, vh = u[:, keep].float(), s[keep].float(), vh[keep].float()
-    coords = [s[:, None] * vh[:, t * n : (t + 1) * n] for t in range(len(ds))]
+    return u, [s[:, None] * vh[:, t * n : (t + 1) * n] for t in range(len(ds))]
+
+
+def peer_knots(ds: Sequence[Tensor], merge) -> Tensor:
+    """KnOTS: ``merge`` on each task's ``diag(s) V_t^T``, lifted by ``U``."""
+    u, coords = peer_knots_svd(ds)
     return u @ merge(coords)
 
 
@@ -138,6 +143,7 @@ PEERS = {
     "knots_ties": lambda ds: peer_knots(ds, peer_ties),
     "knots_tsv_m": lambda ds: peer_knots(ds, peer_tsv_m),
 }
+KNOTS_MERGE = {"knots_ties": peer_ties, "knots_tsv_m": peer_tsv_m}  # KnOTS' peers: the method
 
 
 # --------------------------------------------------------------------------- float64 helpers
