@@ -10,7 +10,8 @@ of it, T tasks):
   two read buffers (2 P more; 3 P when the checkpoints are not float32 and are cast); LoRA
   factors cost next to nothing, and a kernel that needs entries gets each task densified (P,
   scaled in place); in ``core``/``knots`` space each task's coordinates and the basis (the
-  factors' QRs);
+  factors' QRs), except that a ``knots`` merge by a method that takes low rank gets the
+  coordinates as factors (``SpaceBasis.factored_coordinates``: the basis only);
 - fit passes: the inputs plus the method's declared fit footprint (plus the base tensor as read
   for a method that declares ``needs_base``);
 - merge: the inputs plus the method's kernel footprint (and that base tensor, which the pipeline
@@ -144,7 +145,11 @@ def _case(
         core = (r, r) if space == "core" else (r, key.shape[1])
         basis = MemoryCase(n_tasks, key.shape, r).factors(2, F64)  # the factors' QRs
         coords = MemoryCase(n_tasks, core, params=params)
-        return coords, coords.copies(n_tasks) + basis, 0.0
+        held = coords.copies(n_tasks) + basis
+        if space == "knots" and "lowrank" in method.accepts:  # the merge: factored coordinates
+            factored = MemoryCase(n_tasks, core, r, params)
+            return factored, (held if method.fit is not None else basis), 0.0
+        return coords, held, 0.0
     if key.lora_rank and "lowrank" in method.accepts and full.matrix:
         return MemoryCase(n_tasks, key.shape, key.lora_rank, params), 0.0, 0.0
     if key.lora_rank:  # densified per task: the product, scaled in place

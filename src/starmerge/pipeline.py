@@ -213,7 +213,10 @@ def _method_inputs(
     if cache is None:  # space: full
         return None, to_method_form(read(key), method.accepts, device)
     return cache.inputs(
-        key, lambda: [None if d is None else _to_device(d, device) for d in read(key)], keep=keep
+        key,
+        lambda: [None if d is None else _to_device(d, device) for d in read(key)],
+        keep=keep,
+        factored="lowrank" in method.accepts,
     )
 
 

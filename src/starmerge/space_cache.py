@@ -44,8 +44,13 @@ class SpaceCache:
     buffers: list[Tensor] = field(default_factory=list)  # the fit passes' coordinates
 
     def inputs(
-        self, key: str, read: Callable[[], Sequence[Delta | None]], *, keep: bool
-    ) -> tuple[Projection, list[Dense | None]]:
+        self,
+        key: str,
+        read: Callable[[], Sequence[Delta | None]],
+        *,
+        keep: bool,
+        factored: bool = False,
+    ) -> tuple[Projection, list[Delta | None]]:
         """``key``'s projection (from the stored basis when it fits) and every coordinate.
 
         A later fit pass over a stored core basis reads no delta: the cores come from the
@@ -58,9 +63,12 @@ class SpaceCache:
                 over and forgets it (the merge, the last pass, which reads the deltas to lift).
                 Either way the coordinates are in :attr:`buffers`, which the next parameter's
                 overwrite: the merge passes its result through :meth:`release`.
+            factored: In ``knots`` space and the merge (``keep`` False), the coordinates as
+                their exact factors (``SpaceBasis.factored_coordinates``), for a method that
+                takes ``LowRank`` deltas; else ``Dense``.
 
         Returns:
-            The projection, and per task its coordinates as ``Dense`` (None: lacks ``key``).
+            The projection, and per task its coordinates (None: lacks ``key``).
 
         Raises:
             InputError: A task gives a dense delta or a non-matrix parameter.
@@ -75,6 +83,8 @@ class SpaceCache:
             projection = to_space(key, deltas, self.space, held if fits else None)
             if keep and not fits and projection.basis.reusable:
                 self.bases[key] = projection.basis
+            if factored and not keep and self.space == "knots":
+                return projection, projection.basis.factored_coordinates(deltas)  # type: ignore[arg-type]
             return projection, coordinates(projection, self._buffers(projection.basis))
 
     def release(self, delta: Delta) -> Delta:

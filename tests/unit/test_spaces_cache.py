@@ -7,6 +7,8 @@ again, as before the cache existed).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -222,3 +224,50 @@ def test_blockwise_lift_of_each_task_is_its_delta(space, key, spread):
         got = basis.lift(Dense(c), deltas).to_dense(torch.float64)
         want = torch.zeros(SHAPES[key], dtype=torch.float64) if d is None else _dense(d)
         assert float((got - want).norm()) <= 1e-5 * max(float(want.norm()), 1.0)
+
+
+# Per-task truncations are asked to keep every singular value: each task's KnOTS coordinates
+# V_t^T here are partial isometries (the stacked rows of V^T are orthonormal and rho = R, so
+# sum_t V_t^T V_t = I with ranks adding up to rho: every singular value is 1), and keeping
+# some of r_t equal singular values is an arbitrary choice that rounding decides.
+@pytest.mark.parametrize(
+    ("name", "given"),
+    [("tsv_m", {"fraction": 1.0}), ("iso_c", {}), ("task_arithmetic", {}), ("star", {"eta": 100})],
+)
+def test_knots_merge_gives_a_lowrank_method_the_factored_coordinates(name, given):
+    """A method that takes LowRank gets each task's KnOTS coordinates as their exact factors:
+    the same matrices as the dense coordinates (within their float32 product), and a merge
+    within float32 rounding of the method run on the dense coordinates and lifted."""
+    method = METHODS.get(name)
+    params = method.resolve(given)
+    tasks = _tasks(5)
+    seen = []
+
+    def spy(deltas, **kwargs):
+        seen.append(deltas)
+        return method.fn(deltas, **kwargs)
+
+    watched = dataclasses.replace(method, fn=spy)
+    merged = dict(merge_params(watched, params, None, SHAPES, CountingReader(tasks), space="knots"))
+    for key, inputs in zip(SHAPES, seen, strict=True):
+        deltas = [t.get(key) for t in tasks]
+        projection = project(deltas, "knots")
+        assert all(isinstance(d, LowRank) for d in inputs)
+        for got, want in zip(inputs, projection.coords, strict=True):
+            assert torch.allclose(got.to_dense(torch.float32), want, rtol=1e-5, atol=1e-6)
+        dense = [Dense(c) for c in projection.coords]
+        want = projection.lift(method.fn(dense, **method.params_at(params, key, 1)).delta)
+        got, ref = _dense(merged[key].delta), _dense(want)
+        assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_knots_coordinates_of_a_full_rank_stack_are_partial_isometries():
+    """The fact behind the previous test's parameters: with rho = R, each task's V_t^T has its
+    r_t nonzero singular values all equal to 1 (float32 rounding aside)."""
+    deltas = [t.get("q") for t in _tasks(5)]
+    projection = project(deltas, "knots")
+    assert projection.core_shape[0] == sum(d.rank for d in deltas)  # rho = R
+    for d, c in zip(deltas, projection.coords, strict=True):
+        s = torch.linalg.svdvals(c.double())
+        assert torch.allclose(s[: d.rank], torch.ones(d.rank, dtype=torch.float64), atol=1e-5)
+        assert all(float(x) < 1e-5 for x in s[d.rank :])

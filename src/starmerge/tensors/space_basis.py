@@ -202,6 +202,27 @@ def knots_coordinates(
     return out
 
 
+def knots_factors(
+    coef: Tensor, deltas: Sequence[LowRank | None], ranks: Sequence[int], dtype: torch.dtype
+) -> list[LowRank | None]:
+    """KnOTS's ``V_t^T = coef[:, cols_t] A_t`` left as the factors ``(coef[:, cols_t], A_t)``.
+
+    Exact and rank ``r_t`` (rank 0 for a zero ``B_t``), in ``dtype``; None for a task without
+    the module. ``A_t`` is the adapter's own factor, not a copy when already in ``dtype``.
+    """
+    out: list[LowRank | None] = []
+    col = 0
+    for d, r_t in zip(deltas, ranks, strict=True):
+        if d is None:
+            out.append(None)
+            continue
+        b = coef[:, col : col + r_t].to(dtype)
+        a = d.a.to(dtype) if r_t else d.a.new_zeros(0, d.a.shape[1], dtype=dtype)
+        out.append(LowRank(b, a, 1.0))
+        col += r_t
+    return out
+
+
 def _side(
     gram: Tensor | None, stack: Callable[[], Tensor], rtol: float
 ) -> tuple[Side, Tensor, float]:

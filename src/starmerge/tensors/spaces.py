@@ -54,6 +54,7 @@ from starmerge.tensors.space_basis import (
     core_coordinates,
     knots_basis,
     knots_coordinates,
+    knots_factors,
     singular_basis,
     stack_a,
     times_a,
@@ -142,6 +143,18 @@ class SpaceBasis:
             return core_coordinates(self.coef, self.a_coef, ranks, out)
         assert deltas is not None, "knots coordinates need the deltas"
         return knots_coordinates(self.coef, deltas, ranks, out)
+
+    def factored_coordinates(self, deltas: Sequence[LowRank | None]) -> list[LowRank | None]:
+        """knots: each task's coordinates as ``LowRank(S^-1 U^T s_t B_t, A_t)``, rank ``r_t``.
+
+        The same matrices as :meth:`coordinates` (exactly, not a float32 product of them), for
+        a method with a factored route: an SVD of a (rho, n) coordinate block then costs
+        O(n r_t^2), not O(rho^2 n). None for a task without the module.
+        """
+        if self.space != "knots":
+            raise ValueError(f"factored coordinates are knots' (rank r_t), not {self.space}'s")
+        ranks = [0 if t is None else t[0] for t in self.tasks]
+        return knots_factors(self.coef, deltas, ranks, self.data)
 
     def left_times(
         self, deltas: Sequence[LowRank | None], mat: Tensor | None, out: torch.dtype
