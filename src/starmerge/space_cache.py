@@ -41,7 +41,7 @@ class SpaceCache:
 
     space: str
     bases: dict[str, SpaceBasis] = field(default_factory=dict)
-    buffers: list[Tensor] = field(default_factory=list)  # the fit passes' coordinates
+    buffers: list[Tensor] = field(default_factory=list)  # every pass's dense coordinates
 
     def inputs(
         self,
