@@ -6,7 +6,7 @@ average, raw timings, verdicts). Inputs are synthetic and cached under ``benchma
 PASS/FAIL, never asserted: the exit status is non-zero only when a benchmark itself crashed.
 
 Usage: python benchmarks/run_all.py [--quick] [--only star,memory,methods,spectral,regression]
-Full run: about 50-60 minutes on 2 cores (spectral alone about 40);
+Full run: well over an hour on 2 cores (spectral about 50 minutes, memory about 30);
 --quick: about 3 minutes (small sizes, no targets).
 """
 
