@@ -185,20 +185,18 @@ def knots_coordinates(
 ) -> list[Tensor]:
     """KnOTS's ``V_t^T = coef[:, cols_t] A_t`` into ``out[t]`` ``(rho, n)`` (0 for rank 0).
 
-    One product per task in the coordinates' own dtype (float32 for float32 factors, float64
-    kept): each entry is a dot product of ``r_t`` terms, within a few float32 ulps of the float64
-    product rounded (2.5e-7 of the largest entry, measured at rho = 192, r_t = 16), and three
-    times faster than float64 blocks rounded into ``out`` (5 ms instead of 16 ms for 12 tasks,
-    n = 4096); a TIES fit pass computes these three times per parameter.
+    The product of :func:`knots_factors`, one per task in the coordinates' own dtype (float32
+    for float32 factors, float64 kept): each entry is a dot product of ``r_t`` terms, within a
+    few float32 ulps of the float64 product rounded (2.5e-7 of the largest entry, measured at
+    rho = 192, r_t = 16), and three times faster than float64 blocks rounded into ``out`` (5 ms
+    instead of 16 ms for 12 tasks, n = 4096); a TIES fit pass computes these three times per
+    parameter.
     """
-    col = 0
-    for t, (d, r_t) in enumerate(zip(deltas, ranks, strict=True)):
-        if r_t == 0 or d is None:
+    for t, f in enumerate(knots_factors(coef, deltas, ranks, out[0].dtype)):
+        if f is None or f.rank == 0:
             out[t].zero_()
-            continue
-        dtype = out[t].dtype
-        torch.mm(coef[:, col : col + r_t].to(dtype), d.a.to(dtype), out=out[t])
-        col += r_t
+        else:
+            torch.mm(f.b, f.a, out=out[t])
     return out
 
 

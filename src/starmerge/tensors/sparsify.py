@@ -90,11 +90,11 @@ class BitScratch:
         out = self.get("abs", flat.numel(), torch.float32, flat.device)
         return torch.abs(flat, out=out).view(torch.int32)
 
-    def bits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(|x| as int32 bits, those bits >> 16)`` of ``x`` flattened, in the buffers."""
+    def high_bits(self, x: Tensor) -> Tensor:
+        """The high 16 bits of ``|x|`` (``bits >> 16``: the bucket), flattened, in a buffer."""
         bits = self.abs_bits(x)
         high = self.get("high", bits.numel(), torch.int32, bits.device)
-        return bits, torch.bitwise_right_shift(bits, 16, out=high)
+        return torch.bitwise_right_shift(bits, 16, out=high)
 
     def low_index(self, x: Tensor, bucket: int) -> Tensor:
         """Per entry: its low 16 bits inside high bucket ``bucket``, else 65,536 + its low 14.
@@ -144,7 +144,7 @@ class RadixSelect:
 
     def add_high(self, x: Tensor) -> None:
         """Pass 1: count ``x``'s entries per high-16-bit bucket."""
-        counts = torch.bincount(self._scratch.bits(x)[1], minlength=_HIGH)
+        counts = torch.bincount(self._scratch.high_bits(x), minlength=_HIGH)
         self._high = counts if self._high is None else self._high + counts.to(self._high.device)
         self.n += x.numel()
 
